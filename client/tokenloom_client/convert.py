@@ -1,0 +1,131 @@
+"""Protobuf <-> SDK dataclasses; the only SDK module that touches generated messages.
+
+Both clients build requests and read replies through here, so the sync and async
+paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableSequence
+from typing import Any
+
+from .pb.tokenloom.v1 import generation_pb2 as pb
+from .types import ChatMessage, GenerationResult, Limits, ModelInfo, StreamChunk, Usage
+
+# Read from the contract rather than listed by hand, so fields added to the proto
+# (beam search keeps numbers 20-39) are accepted without touching the SDK.
+PARAMETER_NAMES = tuple(pb.GenerationParameters.DESCRIPTOR.fields_by_name)
+_FINISH_PREFIX = "FINISH_REASON_"
+
+
+def build_request(
+    prompt: str | None,
+    messages: Iterable[ChatMessage | Mapping[str, str]] | None,
+    input_ids: Iterable[int] | None,
+    request_id: str,
+    params: Mapping[str, Any],
+) -> pb.GenerateRequest:
+    """Checks the arguments before any RPC, so mistakes fail fast without a server."""
+    given = [name for name, value in
+             (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))
+             if value is not None]
+    if len(given) != 1:
+        raise TypeError(f"pass exactly one of prompt, messages, input_ids (got {given or 'none'})")
+    request = pb.GenerateRequest(request_id=request_id, parameters=build_parameters(params))
+    if prompt is not None:
+        request.prompt = prompt
+    elif messages is not None:
+        request.messages.extend(_chat_message(m) for m in messages)
+    else:
+        request.input_ids.extend(input_ids)
+    return request
+
+
+def build_parameters(params: Mapping[str, Any]) -> pb.GenerationParameters:
+    """HF-named keyword arguments -> GenerationParameters; None leaves a field unset."""
+    message = pb.GenerationParameters()
+    for name, value in params.items():
+        if name not in PARAMETER_NAMES:
+            raise TypeError(f"unknown generation parameter {name!r}; "
+                            f"expected one of: {', '.join(PARAMETER_NAMES)}")
+        if value is None:
+            continue
+        field = getattr(message, name)
+        if isinstance(field, MutableSequence):
+            # A bare string would otherwise be split into one stop string per character.
+            field.extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def _chat_message(message: ChatMessage | Mapping[str, str]) -> pb.ChatMessage:
+    if isinstance(message, ChatMessage):
+        return pb.ChatMessage(role=message.role, content=message.content)
+    return pb.ChatMessage(role=message["role"], content=message["content"])
+
+
+def finish_reason(value: int) -> str | None:
+    """FINISH_REASON_STOP_STRING -> "stop_string"; UNSPECIFIED (still running) -> None."""
+    if value == pb.FINISH_REASON_UNSPECIFIED:
+        return None
+    try:
+        return pb.FinishReason.Name(value).removeprefix(_FINISH_PREFIX).lower()
+    except ValueError:  # a newer server may send a reason this client's proto lacks
+        return f"unknown_{value}"
+
+
+def _usage(message: pb.Usage) -> Usage:
+    return Usage(prompt_tokens=message.prompt_tokens, generated_tokens=message.generated_tokens)
+
+
+def to_chunk(response: pb.GenerateResponse) -> StreamChunk:
+    return StreamChunk(
+        request_id=response.request_id,
+        token_ids=list(response.token_ids),
+        logprobs=list(response.logprobs),
+        text=response.text,
+        finish_reason=finish_reason(response.finish_reason),
+        usage=_usage(response.usage) if response.HasField("usage") else None,
+        error_message=response.error_message,
+    )
+
+
+def to_result(result: pb.GenerateResult) -> GenerationResult:
+    return GenerationResult(
+        request_id=result.request_id,
+        token_ids=list(result.token_ids),
+        logprobs=list(result.logprobs),
+        text=result.text,
+        # A finished result always has a reason; "" only if a server breaks the contract.
+        finish_reason=finish_reason(result.finish_reason) or "",
+        usage=_usage(result.usage),
+        error_message=result.error_message,
+    )
+
+
+def to_model_info(response: pb.ModelInfoResponse) -> ModelInfo:
+    limits = response.limits
+    return ModelInfo(
+        model_name=response.model_name,
+        model_type=response.model_type,
+        context_length=response.context_length,
+        vocab_size=response.vocab_size,
+        eos_token_ids=list(response.eos_token_ids),
+        has_chat_template=response.has_chat_template,
+        dtype=response.dtype,
+        device=response.device,
+        limits=Limits(
+            max_new_tokens=limits.max_new_tokens,
+            default_max_new_tokens=limits.default_max_new_tokens,
+            max_stop_strings=limits.max_stop_strings,
+            max_stop_string_length=limits.max_stop_string_length,
+            max_input_tokens=limits.max_input_tokens,
+            max_num_seqs=limits.max_num_seqs,
+            kv_cache_tokens=limits.kv_cache_tokens,
+        ),
+    )
+
+
+def model_info_request() -> pb.ModelInfoRequest:
+    return pb.ModelInfoRequest()

@@ -1,0 +1,73 @@
+"""`python -m tokenloom`: parse flags into the config dataclasses and serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .models import ModelSpec
+from .scheduler import SchedulerConfig
+from .server import CacheConfig, LimitsConfig, ServerConfig, load_runtime, serve
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenloom", description="Serve a causal LM over gRPC with continuous batching.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port")
+    g.add_argument("--grace-seconds", type=float, default=10.0, help="on SIGTERM/SIGINT, time open streams get to finish")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="default",
+                   help="local HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    g.add_argument("--cache-dir", default=None, help="where the converted default model is kept "
+                   "(default: $TOKENLOOM_CACHE_DIR or ~/.cache/tokenloom)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV store capacity in tokens, allocated once")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one engine step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens computed per step; longer prompts are prefilled in chunks of what is left")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-model-len", type=int, default=None, help="cap the context length below the model's")
+    g.add_argument("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
+    g.add_argument("--default-max-new-tokens", type=int, default=256,
+                   help="used when a request sets neither max_new_tokens nor max_length")
+    g.add_argument("--max-stop-strings", type=int, default=16)
+    g.add_argument("--max-stop-string-length", type=int, default=256)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = ModelSpec(
+            path=None if args.model == "default" else args.model, device=args.device, dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+        )
+        cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
+        sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        limits_cfg = LimitsConfig(
+            max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
+            max_stop_strings=args.max_stop_strings, max_stop_string_length=args.max_stop_string_length,
+            max_model_len=args.max_model_len,
+        )
+        runtime = load_runtime(spec, cache_cfg, sched_cfg, limits_cfg)
+    except ValueError as exc:
+        print(f"tokenloom: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(runtime, ServerConfig(args.host, args.port, args.grace_seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Builds the packed batch of one step, runs the HF model, returns the logits to sample from.
+
+All rows' new tokens go into one `[1, total_tokens]` sequence; the LM head runs
+only at the last token of each chunk that samples (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionBatch, PrefillSegment
+from .kv_cache import KVCache
+from .scheduler import ScheduledChunk, SchedulerOutput
+
+
+@dataclass
+class RunnerOutput:
+    logits: torch.Tensor  # [sampled rows, vocab], float32
+    chunks: list[ScheduledChunk]  # the chunks that sample, in row order
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, device):
+        self.model = model
+        self.cache = cache
+        self.device = torch.device(device)
+        self.block_size = cache.block_size
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        chunks = out.chunks
+        ids, positions, slots, keep = [], [], [], []
+        offset = 0
+        for chunk in chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slots(seq.block_table, start, start + n))
+            offset += n
+            if chunk.samples:
+                keep.append(offset - 1)
+        dev = self.device
+        batch = AttentionBatch(
+            cache=self.cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode_index=None,
+            decode_slots=None,
+            decode_mask=None,
+            prefills=[],
+        )
+        self._plan_attention(chunks, batch)
+        logits = self.model(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
+            use_cache=False,
+            tokenloom_batch=batch,
+        ).logits[0]
+        return RunnerOutput(logits=logits.float(), chunks=[c for c in chunks if c.samples])
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _plan_attention(self, chunks: list[ScheduledChunk], batch: AttentionBatch) -> None:
+        dev = self.device
+        decode_rows, decode_ctx, decode_tables = [], [], []
+        offset = 0
+        for chunk in chunks:
+            ctx = chunk.start + chunk.num_tokens
+            if chunk.num_tokens == 1:
+                decode_rows.append(offset)
+                decode_ctx.append(ctx)
+                decode_tables.append(chunk.seq.block_table)
+            elif chunk.start == 0:
+                batch.prefills.append(PrefillSegment(offset, chunk.num_tokens, None, None))
+            else:
+                batch.prefills.append(self._chunk_segment(chunk, offset))
+            offset += chunk.num_tokens
+        if decode_rows:
+            max_ctx = max(decode_ctx)
+            batch.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            batch.decode_slots = self._gather_slots(decode_tables, max_ctx)
+            lengths = torch.tensor(decode_ctx, device=dev)
+            mask = torch.arange(max_ctx, device=dev)[None, :] < lengths[:, None]  # [rows, max_ctx]
+            batch.decode_mask = mask[:, None, None, :]
+
+    def _chunk_segment(self, chunk: ScheduledChunk, offset: int) -> PrefillSegment:
+        """A prompt chunk after the first: attends to its history in the store, causally."""
+        dev = self.device
+        ctx = chunk.start + chunk.num_tokens
+        ctx_slots = self._gather_slots([chunk.seq.block_table], ctx)[0]
+        q_pos = torch.arange(chunk.start, ctx, device=dev)
+        mask = torch.arange(ctx, device=dev)[None, :] <= q_pos[:, None]  # [q_len, ctx]
+        return PrefillSegment(offset, chunk.num_tokens, ctx_slots, mask)
+
+    def _gather_slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
+        """`[rows, length]` slots of positions 0..length-1 of each table (padding reads block 0)."""
+        bs = self.block_size
+        width = -(-length // bs)
+        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], device=self.device)
+        slots = padded[:, :, None] * bs + torch.arange(bs, device=self.device)
+        return slots.reshape(len(tables), -1)[:, :length]

@@ -1,0 +1,62 @@
+"""User input -> a validated `GenerationRequest`: tokenisation, chat template, limits.
+
+Pure of gRPC: the servicer passes plain values in and maps `InvalidArgument`
+to INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from .request import GenerationRequest
+from .validation import InvalidArgument, Limits, RawParams, check_exactly_one_input, check_prompt_ids, resolve_params
+
+
+@dataclass(frozen=True)
+class UserInput:
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content)
+    input_ids: tuple[int, ...] = ()
+
+
+class Preprocessor:
+    def __init__(self, tokenizer, vocab_size: int, limits: Limits):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.limits = limits
+
+    def __call__(self, user: UserInput, raw: RawParams) -> GenerationRequest:
+        ids = self.prompt_ids(user)
+        check_prompt_ids(ids, self.vocab_size, self.limits)
+        params = resolve_params(raw, len(ids), self.limits)
+        return GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_ids=tuple(ids), params=params, arrival_time=time.monotonic()
+        )
+
+    def prompt_ids(self, user: UserInput) -> list[int]:
+        check_exactly_one_input(bool(user.prompt), bool(user.messages), bool(user.input_ids))
+        if user.input_ids:
+            return list(user.input_ids)
+        if user.messages:
+            return self._render_chat(user.messages)
+        return self.tokenizer.encode(user.prompt, add_special_tokens=True)
+
+    def _render_chat(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
+        if len(messages) > self.limits.max_chat_messages:
+            raise InvalidArgument(
+                "messages", f"{len(messages)} messages; at most {self.limits.max_chat_messages} are allowed"
+            )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument("messages", "this model has no chat template; send a prompt or input_ids")
+        for i, (role, _) in enumerate(messages):
+            if not role:
+                raise InvalidArgument("messages", f"message {i} has no role")
+        chat = [{"role": role, "content": content} for role, content in messages]
+        try:
+            rendered = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # templates raise their own errors for unsupported roles or orders
+            raise InvalidArgument("messages", f"the chat template rejected the messages: {exc}") from exc
+        # The template already holds the special tokens (BOS etc.).
+        return self.tokenizer.encode(rendered, add_special_tokens=False)

@@ -1,0 +1,55 @@
+"""One sequence's state as the scheduler and engine see it: pure Python.
+
+A sequence is a token list whose first `num_computed` tokens have KV in the
+store. Prefill and decode are the same operation: compute the tokens from
+`num_computed` on, and when the last one is computed, sample the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .request import FinishReason, GenerationRequest
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: GenerationRequest
+    token_ids: list[int]
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @classmethod
+    def from_request(cls, seq_id: int, request: GenerationRequest) -> "Sequence":
+        return cls(seq_id=seq_id, request=request, token_ids=list(request.prompt_ids))
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose KV is not computed yet (1 for a decoding sequence)."""
+        return len(self.token_ids) - self.num_computed

@@ -1,0 +1,152 @@
+"""gRPC <-> domain objects. The only module that imports the generated protobuf code."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
+from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
+
+from .preprocessor import Preprocessor, UserInput
+from .request import FinishReason, GenerationOutput, GenerationRequest, TokenEvent
+from .stream import StreamHub
+from .validation import InvalidArgument, RawParams
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_STRING: pb.FINISH_REASON_STOP_STRING,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What ModelInfo reports."""
+
+    name: str
+    model_type: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    has_chat_template: bool
+    dtype: str
+    device: str
+    max_num_seqs: int
+    kv_cache_tokens: int
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, preprocessor: Preprocessor, hub: StreamHub, served: ServedModel):
+        self.preprocessor = preprocessor
+        self.hub = hub
+        self.served = served
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        req = await self._prepare(request, context)
+        client_id = request.request_id or req.request_id
+        async for event in self.hub.run(req):
+            await self._abort_on_failure(event, context)
+            yield _to_response(event, client_id)
+
+    async def GenerateUnary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        req = await self._prepare(request, context)
+        out = GenerationOutput(request.request_id or req.request_id)
+        async for event in self.hub.run(req):
+            await self._abort_on_failure(event, context)
+            out.add(event)
+        return pb.GenerateResult(
+            request_id=out.request_id,
+            token_ids=out.token_ids,
+            logprobs=out.logprobs,
+            text=out.text,
+            finish_reason=_FINISH[out.finish_reason],
+            usage=pb.Usage(prompt_tokens=out.prompt_tokens, generated_tokens=out.generated_tokens),
+        )
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext):
+        s, limits = self.served, self.preprocessor.limits
+        return pb.ModelInfoResponse(
+            model_name=s.name,
+            model_type=s.model_type,
+            context_length=s.context_length,
+            vocab_size=s.vocab_size,
+            eos_token_ids=list(s.eos_token_ids),
+            has_chat_template=s.has_chat_template,
+            dtype=s.dtype,
+            device=s.device,
+            limits=pb.Limits(
+                max_new_tokens=limits.max_new_tokens,
+                default_max_new_tokens=limits.default_max_new_tokens,
+                max_stop_strings=limits.max_stop_strings,
+                max_stop_string_length=limits.max_stop_string_length,
+                max_input_tokens=limits.context_length - 1,
+                max_num_seqs=s.max_num_seqs,
+                kv_cache_tokens=s.kv_cache_tokens,
+            ),
+        )
+
+    async def _prepare(self, request: pb.GenerateRequest, context) -> GenerationRequest:
+        user = UserInput(
+            prompt=request.prompt,
+            messages=tuple((m.role, m.content) for m in request.messages),
+            input_ids=tuple(request.input_ids),
+        )
+        try:
+            # Tokenising a long prompt or rendering a template is CPU work: keep it off the loop.
+            return await asyncio.to_thread(self.preprocessor, user, _raw_params(request.parameters))
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    @staticmethod
+    async def _abort_on_failure(event: TokenEvent, context) -> None:
+        if event.finish_reason is FinishReason.ERROR:
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
+        if event.finish_reason is FinishReason.CANCELLED:
+            # The engine cancels on its own only when the server is shutting down.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+
+
+def _raw_params(p: pb.GenerationParameters) -> RawParams:
+    def opt(name):
+        return getattr(p, name) if p.HasField(name) else None
+
+    return RawParams(
+        max_new_tokens=opt("max_new_tokens"),
+        max_length=opt("max_length"),
+        do_sample=p.do_sample,
+        temperature=opt("temperature"),
+        top_k=opt("top_k"),
+        top_p=opt("top_p"),
+        seed=opt("seed"),
+        stop_strings=tuple(p.stop_strings),
+    )
+
+
+def _to_response(event: TokenEvent, request_id: str) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        request_id=request_id,
+        token_ids=event.token_ids,
+        logprobs=event.logprobs,
+        text=event.text,
+        finish_reason=_FINISH[event.finish_reason],
+        error_message=event.error,
+    )
+    if event.finished:
+        response.usage.prompt_tokens = event.prompt_tokens
+        response.usage.generated_tokens = event.generated_tokens
+    return response
+
+
+def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_GenerationServicer_to_server(servicer, server)
