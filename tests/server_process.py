@@ -1,0 +1,66 @@
+"""A tokenloom server in a subprocess, started the way a user starts it (`python -m tokenloom`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: str | Path, *args: str, log_dir: Path, name: str = "server"):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
+        self.cmd = [sys.executable, "-m", "tokenloom", "--model", str(model), "--host", "127.0.0.1",
+                    "--port", str(self.port), *args]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with grpc.insecure_channel(self.address) as channel:
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=1.0)
+                    return self
+                except grpc.FutureTimeoutError:
+                    pass
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self._log.close()
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
