@@ -94,11 +94,15 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-            self._drain_inbox()
-            if self.scheduler.has_work():
-                self._step_safely()
+            self.run_once()
         self._drain_inbox()
         self.publish([self._finish(live, FinishReason.CANCELLED) for live in list(self._live.values())])
+
+    def run_once(self) -> None:
+        """Take in new requests and aborts, then run one step if there is work."""
+        self._drain_inbox()
+        if self.scheduler.has_work():
+            self._step_safely()
 
     def _drain_inbox(self) -> None:
         events = []

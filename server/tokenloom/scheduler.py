@@ -61,6 +61,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, oldest first
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -123,6 +124,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's KV; it recomputes prompt + generated tokens later."""
         self.blocks.free(seq.block_table)
+        self.num_preemptions += 1
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)  # `_schedule_running` drops it from `running`

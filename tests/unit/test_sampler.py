@@ -1,0 +1,270 @@
+"""Logits -> tokens: greedy, HF's temperature/top-k/top-p semantics, and seeded draws that ignore the batch.
+
+HF's own logits warpers are the reference for which tokens may be drawn and with what probability.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from tokenloom.request import SamplingParams
+from tokenloom.sampler import RowRandom, Sampler
+
+VOCAB = 97
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(max_new_tokens=1)
+
+
+def sampling(temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None):
+    return SamplingParams(max_new_tokens=1, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed)
+
+
+def hf_warped(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The scores HF `generate` samples from for one row: [vocab], -inf where a token is removed."""
+    scores = logits[None].clone()
+    dummy = torch.zeros((1, 1), dtype=torch.long)
+    scores = TemperatureLogitsWarper(p.temperature)(dummy, scores)
+    if p.top_k:  # HF adds no top-k warper for top_k=0
+        scores = TopKLogitsWarper(p.top_k)(dummy, scores)
+    if p.top_p < 1.0:  # nor a top-p warper for top_p=1
+        scores = TopPLogitsWarper(p.top_p)(dummy, scores)
+    return scores[0]
+
+
+def hf_kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
+    return set(torch.isfinite(hf_warped(logits, p)).nonzero()[:, 0].tolist())
+
+
+def nucleus_is_clear_cut(logits: torch.Tensor, p: SamplingParams, margin: float = 1e-4) -> bool:
+    """No token sits so close to the top-p edge that float rounding could decide it."""
+    if p.top_p >= 1.0:
+        return True
+    scores = logits.double() / p.temperature
+    if p.top_k:
+        scores = scores.topk(min(p.top_k, scores.numel())).values
+    probs = scores.softmax(-1).sort(descending=True).values
+    before = probs.cumsum(-1) - probs
+    return bool(((before - p.top_p).abs() > margin).all())
+
+
+# Greedy
+
+
+def test_greedy_rows_take_the_argmax_with_its_log_probability():
+    torch.manual_seed(0)
+    logits = torch.randn(16, VOCAB) * 3
+    out = Sampler()(logits, [greedy()] * 16, [None] * 16)
+    assert out.token_ids == logits.argmax(-1).tolist()
+    expected = torch.log_softmax(logits, -1).gather(1, logits.argmax(-1)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected)
+
+
+def test_greedy_ignores_temperature_top_k_and_top_p():
+    torch.manual_seed(1)
+    logits = torch.randn(3, VOCAB)
+    params = [SamplingParams(max_new_tokens=1, temperature=0.0),
+              SamplingParams(max_new_tokens=1, temperature=5.0, top_k=3, top_p=0.1),
+              SamplingParams(max_new_tokens=1, top_k=0)]
+    out = Sampler()(logits, params, [None, RowRandom(1), None])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
+def test_sampling_with_top_k_one_is_greedy(temperature):
+    torch.manual_seed(2)
+    logits = torch.randn(32, VOCAB)
+    params = [sampling(temperature=temperature, top_k=1)] * 32
+    for step in range(5):
+        out = Sampler()(logits, params, [RowRandom(1000 * step + i) for i in range(32)])
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_sampling_with_a_tiny_top_p_is_greedy():
+    torch.manual_seed(3)
+    logits = torch.randn(32, VOCAB)
+    out = Sampler()(logits, [sampling(top_p=1e-6, top_k=0)] * 32, [RowRandom(i) for i in range(32)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_sampled_logprobs_are_under_the_model_distribution():
+    torch.manual_seed(4)
+    logits = torch.randn(8, VOCAB)
+    out = Sampler()(logits, [sampling(temperature=0.5, top_k=10, top_p=0.8)] * 8, [RowRandom(i) for i in range(8)])
+    expected = torch.log_softmax(logits, -1)[torch.arange(8), torch.tensor(out.token_ids)]
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected)
+
+
+# Only tokens HF would keep
+
+
+PARAM_GRID = [
+    sampling(temperature=1.0, top_k=5),
+    sampling(temperature=0.7, top_k=50, top_p=0.9),
+    sampling(temperature=1.3, top_k=0, top_p=0.5),
+    sampling(temperature=2.0, top_k=0, top_p=0.95),
+    sampling(temperature=0.3, top_k=20, top_p=0.3),
+    sampling(temperature=1.0, top_k=3, top_p=0.99),
+    sampling(temperature=5.0, top_k=VOCAB + 10),
+]
+
+
+def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets():
+    gen = torch.Generator().manual_seed(5)
+    rows, params = [], []
+    while len(rows) < 140:
+        logits = torch.randn(VOCAB, generator=gen) * 2
+        p = PARAM_GRID[len(rows) % len(PARAM_GRID)]
+        if nucleus_is_clear_cut(logits, p):
+            rows.append(logits)
+            params.append(p)
+    logits = torch.stack(rows)
+    kept = [hf_kept(row, p) for row, p in zip(rows, params)]
+    assert all(len(k) >= 1 for k in kept)
+    assert any(len(k) < VOCAB for k in kept)
+    sampler = Sampler()
+    randoms = [RowRandom(i) for i in range(len(rows))]
+    drawn = [set() for _ in rows]
+    for _ in range(60):
+        out = sampler(logits, params, randoms)
+        for i, token in enumerate(out.token_ids):
+            assert token in kept[i], f"row {i} ({params[i]}) drew {token}, which HF filters out"
+            drawn[i].add(token)
+    # The filter is not so tight that sampling collapses to greedy.
+    assert sum(len(d) > 1 for d in drawn) > len(rows) // 2
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        sampling(temperature=1.0, top_k=0),
+        sampling(temperature=0.6, top_k=0),
+        sampling(temperature=1.5, top_k=4),
+        sampling(temperature=1.0, top_k=0, top_p=0.8),
+        sampling(temperature=0.8, top_k=5, top_p=0.7),
+        sampling(temperature=1.0, top_k=1000),
+    ],
+    ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}",
+)
+def test_draws_follow_the_hf_distribution(params):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.4, 0.0, -0.3, -1.0, -2.5])
+    expected = torch.softmax(hf_warped(logits, params).double(), -1)
+    n = 20_000
+    out = Sampler()(logits.expand(n, -1).contiguous(), [params] * n, [RowRandom(10_000 + i) for i in range(n)])
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=len(logits)).double()
+    assert (counts[expected == 0] == 0).all(), "a token HF filters out was drawn"
+    support = expected > 0
+    exp_counts = expected[support] * n
+    chi2 = float(((counts[support] - exp_counts) ** 2 / exp_counts).sum())
+    df = int(support.sum()) - 1
+    # Mean df, standard deviation sqrt(2 df): eight of them is far out in the tail, yet a wrong
+    # temperature or cut-off moves chi2 into the hundreds with 20k draws.
+    assert chi2 < df + 8 * math.sqrt(2 * max(df, 1)), (counts.tolist(), (expected * n).tolist())
+    # And each token on its own is within 5 standard errors.
+    sd = (n * expected[support] * (1 - expected[support])).sqrt()
+    assert ((counts[support] - exp_counts).abs() <= 5 * sd + 1).all()
+
+
+def test_one_seeded_stream_follows_the_distribution_over_steps():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
+    params = sampling(temperature=1.0, top_k=0)
+    expected = torch.softmax(logits[0].double(), -1)
+    rng = RowRandom(123)
+    sampler = Sampler()
+    n = 4000
+    counts = torch.zeros(4, dtype=torch.float64)
+    for _ in range(n):
+        counts[sampler(logits, [params], [rng]).token_ids[0]] += 1
+    sd = (n * expected * (1 - expected)).sqrt()
+    assert ((counts - n * expected).abs() <= 5 * sd).all(), counts.tolist()
+
+
+# Seeds and batch invariance
+
+
+def _run_steps(step_logits: list[torch.Tensor], params: list[SamplingParams], seeds: list[int | None]):
+    sampler = Sampler()
+    randoms = [RowRandom(s) if p.do_sample else None for p, s in zip(params, seeds)]
+    return [sampler(logits, params, randoms) for logits in step_logits]
+
+
+def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
+    gen = torch.Generator().manual_seed(6)
+    vocab = 500
+    target = sampling(temperature=0.9, top_k=40, top_p=0.92, seed=1234)
+    target_logits = [torch.randn(vocab, generator=gen) * 2 for _ in range(40)]
+
+    alone = _run_steps([row[None] for row in target_logits], [target], [1234])
+    alone_tokens = [o.token_ids[0] for o in alone]
+    assert len(set(alone_tokens)) > 1
+
+    companions = [
+        greedy(),
+        sampling(temperature=1.7, top_k=0, top_p=1.0),  # disables top-k: a full-vocabulary sort
+        sampling(temperature=0.2, top_k=400, top_p=0.5),
+        greedy(),
+        sampling(temperature=1.0, top_k=1),
+        sampling(temperature=3.0, top_k=5, top_p=0.99),
+    ]
+    for position in (0, 3, len(companions)):
+        params = companions[:position] + [target] + companions[position:]
+        seeds = [77 + i for i in range(len(companions))]
+        seeds = seeds[:position] + [1234] + seeds[position:]
+        steps = []
+        for row in target_logits:
+            others = torch.randn(len(companions), vocab, generator=gen) * 2
+            steps.append(torch.cat([others[:position], row[None], others[position:]]))
+        batched = _run_steps(steps, params, seeds)
+        assert [o.token_ids[position] for o in batched] == alone_tokens, f"target at row {position}"
+        torch.testing.assert_close(
+            torch.tensor([o.logprobs[position] for o in batched]), torch.tensor([o.logprobs[0] for o in alone])
+        )
+
+
+def test_a_seeded_row_is_unaffected_by_greedy_rows_around_it():
+    # Greedy rows draw no random numbers, so adding them must not shift the seeded stream.
+    gen = torch.Generator().manual_seed(7)
+    target = sampling(temperature=1.0, top_k=0, seed=99)
+    logits = [torch.randn(1, 50, generator=gen) for _ in range(30)]
+    alone = [o.token_ids[0] for o in _run_steps(logits, [target], [99])]
+    padded = [torch.cat([torch.randn(2, 50, generator=gen), row]) for row in logits]
+    mixed = [o.token_ids[2] for o in _run_steps(padded, [greedy(), greedy(), target], [None, None, 99])]
+    assert mixed == alone
+
+
+def test_the_same_seed_repeats_and_a_different_seed_differs():
+    gen = torch.Generator().manual_seed(8)
+    logits = [torch.randn(1, 200, generator=gen) for _ in range(30)]
+    p = sampling(temperature=1.5, top_k=0)
+    first = [o.token_ids[0] for o in _run_steps(logits, [p], [5])]
+    again = [o.token_ids[0] for o in _run_steps(logits, [p], [5])]
+    other = [o.token_ids[0] for o in _run_steps(logits, [p], [6])]
+    assert first == again
+    assert first != other
+
+
+def test_rows_with_different_parameters_in_one_call_each_use_their_own():
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0, -1.0]).expand(4, -1).contiguous()
+    params = [
+        sampling(temperature=1.0, top_k=1),  # always token 0
+        sampling(temperature=1.0, top_k=2),  # only tokens 0 and 1
+        sampling(temperature=100.0, top_k=0),  # nearly uniform over all six
+        greedy(),
+    ]
+    randoms = [RowRandom(i) for i in range(3)] + [None]
+    seen: list[set[int]] = [set() for _ in params]
+    sampler = Sampler()
+    for _ in range(400):
+        out = sampler(logits, params, randoms)
+        for i, token in enumerate(out.token_ids):
+            seen[i].add(token)
+    assert seen[0] == {0}
+    assert seen[1] == {0, 1}
+    assert seen[2] == set(range(6))
+    assert seen[3] == {0}
