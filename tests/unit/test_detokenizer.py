@@ -106,6 +106,14 @@ def test_special_tokens_between_text_are_skipped(tok):
     assert "".join(deltas) + rest == "Hello world"
 
 
+def test_special_tokens_are_streamed_when_not_skipped(tok):
+    ids = tok.encode("Hi", add_special_tokens=False) + [tok.eos_token_id]
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=False)
+    out = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert out == tok.decode(ids, skip_special_tokens=False)
+    assert out.endswith(tok.eos_token)
+
+
 def test_released_text_is_kept_on_the_detokenizer(tok):
     ids = tok.encode("café 🎉", add_special_tokens=False)
     detok = IncrementalDetokenizer(tok)
@@ -117,13 +125,13 @@ def test_an_empty_stream_flushes_nothing(tok):
     assert IncrementalDetokenizer(tok).flush() == ""
 
 
-@st.composite
-def id_sequences(draw, vocab_size: int, byte_tokens: list[int]):
-    """Random ids, weighted towards single-byte tokens so multi-byte characters split and break."""
-    ids = draw(st.lists(
-        st.one_of(st.integers(0, vocab_size - 1), st.sampled_from(byte_tokens)), min_size=1, max_size=24,
-    ))
-    return ids
+def id_sequences(vocab_size: int, byte_tokens: list[int], added_tokens: list[int]):
+    """Random ids, weighted towards single-byte tokens (multi-byte characters split and break)
+    and sprinkled with added/special tokens."""
+    one_id = st.one_of(
+        st.integers(0, vocab_size - 1), st.sampled_from(byte_tokens), st.sampled_from(added_tokens)
+    )
+    return st.lists(one_id, min_size=1, max_size=24)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +161,7 @@ def test_random_id_streams_add_up_to_the_full_decode(tok, byte_tokens):
     vocab_size = len(tok)
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(ids=id_sequences(vocab_size, byte_tokens))
+    @given(ids=id_sequences(vocab_size, byte_tokens, sorted(tok.added_tokens_decoder)))
     def check(ids):
         deltas, rest = stream(tok, ids)
         full = full_decode(tok, ids)
