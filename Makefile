@@ -10,7 +10,7 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install proto serve test test-fast clean
+.PHONY: install proto serve test test-fast bench clean
 
 install: $(STAMP) proto
 
@@ -46,3 +46,7 @@ test-fast: install
 
 clean:
 	rm -rf .make $(PB_OUT) .pytest_cache
+
+# Throughput over real gRPC vs HF generate one request at a time, measured in the same run.
+bench: install
+	$(PYTHON) tests/bench/throughput.py $(BENCH_ARGS)

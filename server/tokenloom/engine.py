@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 Publish = Callable[[list[TokenEvent]], None]
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine is stopping or its thread has died: it takes no new requests."""
+
+
 @dataclass(eq=False)
 class _Live:
     """Engine-side state of one admitted request."""
@@ -63,6 +67,8 @@ class Engine:
     # -- called from any thread ------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
+        if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+            raise EngineUnavailable("the engine is not running; the server is shutting down or failed")
         self._post("add", request)
 
     def abort(self, request_id: str) -> None:
@@ -88,6 +94,13 @@ class Engine:
     # -- the engine thread -----------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # Also when the thread dies of a bug: no open stream may hang.
+            self.publish([self._finish(live, FinishReason.CANCELLED) for live in list(self._live.values())])
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._inbox and not self.scheduler.has_work() and not self._stopping:
@@ -96,7 +109,6 @@ class Engine:
                     break
             self.run_once()
         self._drain_inbox()
-        self.publish([self._finish(live, FinishReason.CANCELLED) for live in list(self._live.values())])
 
     def run_once(self) -> None:
         """Take in new requests and aborts, then run one step if there is work."""

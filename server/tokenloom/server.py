@@ -64,6 +64,8 @@ class Runtime:
 
     def __init__(self, loaded: LoadedModel, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, limits_cfg: LimitsConfig):
         model, config = loaded.model, loaded.model.config
+        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+            raise ValueError(f"{loaded.name}: sliding-window attention layers are not supported yet")
         self.loaded = loaded
         context = config.max_position_embeddings
         if limits_cfg.max_model_len:

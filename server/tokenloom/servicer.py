@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 import grpc
 
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
 
+from .engine import EngineUnavailable
 from .preprocessor import Preprocessor, UserInput
 from .request import FinishReason, GenerationOutput, GenerationRequest, TokenEvent
 from .stream import StreamHub
@@ -55,15 +57,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         req = await self._prepare(request, context)
         client_id = request.request_id or req.request_id
-        async for event in self.hub.run(req):
-            await self._abort_on_failure(event, context)
+        async for event in self._events(req, context):
             yield _to_response(event, client_id)
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         req = await self._prepare(request, context)
         out = GenerationOutput(request.request_id or req.request_id)
-        async for event in self.hub.run(req):
-            await self._abort_on_failure(event, context)
+        async for event in self._events(req, context):
             out.add(event)
         return pb.GenerateResult(
             request_id=out.request_id,
@@ -108,13 +108,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    @staticmethod
-    async def _abort_on_failure(event: TokenEvent, context) -> None:
-        if event.finish_reason is FinishReason.ERROR:
-            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
-        if event.finish_reason is FinishReason.CANCELLED:
-            # The engine cancels on its own only when the server is shutting down.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+    async def _events(self, req: GenerationRequest, context) -> AsyncIterator[TokenEvent]:
+        """The engine's events for `req`; failures become gRPC status codes."""
+        try:
+            async for event in self.hub.run(req):
+                if event.finish_reason is FinishReason.ERROR:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
+                if event.finish_reason is FinishReason.CANCELLED:
+                    # The engine cancels on its own only when it stops (shutdown or failure).
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
+                yield event
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
 
 def _raw_params(p: pb.GenerationParameters) -> RawParams:
