@@ -1,4 +1,4 @@
-"""Logits -> token ids for every row in one vectorised pass.
+"""Logits -> token ids for every row, vectorised (one pass per distinct top-k).
 
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p
 (HF's order and semantics) inside a top-k window, then draw by inverse CDF
@@ -52,23 +52,41 @@ class Sampler:
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.tolist())
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
-        dev = logits.device
+        """Rows are grouped by their own top-k, so a row's window never depends on its neighbours'."""
         vocab = logits.shape[-1]
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.top_k if 0 < p.top_k < vocab else vocab, []).append(i)
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        for k, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = self._sample_window(
+                logits[index], k, [params[i] for i in rows], [uniforms[i] for i in rows]
+            )
+        return tokens
+
+    @staticmethod
+    def _sample_window(logits: torch.Tensor, k: int, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
+        dev = logits.device
         temperature = torch.tensor([p.temperature for p in params], device=dev)
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
-        window = int(top_k.max())
         scaled = logits / temperature[:, None]
-        # Sorted descending; the window holds every token that top-k lets through.
-        values, index = scaled.topk(window, dim=-1) if window < vocab else scaled.sort(dim=-1, descending=True)
-        beyond_k = torch.arange(window, device=dev)[None, :] >= top_k[:, None]
-        values = values.masked_fill(beyond_k, float("-inf"))
-        probs = torch.softmax(values, dim=-1)  # [rows, window]
+        if k < logits.shape[-1]:
+            values, index = scaled.topk(k, dim=-1)
+            # topk orders ties arbitrarily: make the order canonical (value desc, then token id)
+            # so the same uniform picks the same token in any batch.
+            by_id = index.argsort(dim=-1, stable=True)
+            values, index = values.gather(1, by_id), index.gather(1, by_id)
+            by_value = values.argsort(dim=-1, descending=True, stable=True)
+            values, index = values.gather(1, by_value), index.gather(1, by_value)
+        else:
+            values, index = scaled.sort(dim=-1, descending=True, stable=True)
+        probs = torch.softmax(values, dim=-1)  # [rows, k]
         # HF top-p: drop a token when the mass ranked strictly above it already reaches top_p
         # (the most likely token always stays).
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p[:, None], 0.0)
         cdf = probs.cumsum(dim=-1)
         u = torch.tensor(uniforms, device=dev, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u, right=True).clamp_(max=window - 1)
+        pick = torch.searchsorted(cdf, u, right=True).clamp_(max=k - 1)
         return index.gather(1, pick)[:, 0]

@@ -107,7 +107,13 @@ def _max_new_tokens(raw: RawParams, prompt_len: int, limits: Limits) -> int:
                 f"max_length ({raw.max_length}) counts the prompt ({prompt_len} tokens) and leaves "
                 "no room to generate; raise it or use max_new_tokens",
             )
-        return min(raw.max_length - prompt_len, limits.max_new_tokens)
+        if raw.max_length - prompt_len > limits.max_new_tokens:
+            raise InvalidArgument(
+                "max_length",
+                f"max_length ({raw.max_length}) leaves {raw.max_length - prompt_len} new tokens, above "
+                f"the server limit {limits.max_new_tokens}; lower it or set max_new_tokens",
+            )
+        return raw.max_length - prompt_len
     # Neither given: the server default, clamped to what the context leaves.
     return min(limits.default_max_new_tokens, room)
 

@@ -172,13 +172,30 @@ def test_make_writable_without_a_free_block_raises_and_changes_nothing():
     bm.check_invariants([parent, child])
 
 
-def test_check_invariants_catches_a_block_both_held_and_free():
+def test_check_invariants_catches_a_held_block_that_is_also_on_the_free_list():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    table: list[int] = []
+    bm.grow(table, 8)
+    bm.check_invariants([table])
+    bm._free.append(table[0])  # refcount and holders still agree; only the free list is wrong
+    with pytest.raises(AssertionError):
+        bm.check_invariants([table])
+
+
+def test_check_invariants_catches_a_table_holding_a_free_block():
     bm = BlockManager(num_blocks=4, block_size=4)
     table: list[int] = []
     bm.grow(table, 4)
     stray = bm._free[0]
     with pytest.raises(AssertionError):
         bm.check_invariants([table + [stray]])
+
+
+def test_check_invariants_catches_a_block_lost_from_the_free_list():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm._free.popleft()  # neither held nor free: it can never be allocated again
+    with pytest.raises(AssertionError):
+        bm.check_invariants([])
 
 
 def test_check_invariants_catches_a_wrong_refcount():

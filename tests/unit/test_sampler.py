@@ -227,6 +227,21 @@ def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
         )
 
 
+@pytest.mark.parametrize("companion_top_k", [0, 200])
+def test_a_seeded_row_with_tied_logits_draws_the_same_tokens_whatever_top_k_its_neighbours_use(companion_top_k):
+    # What a bfloat16 model produces: logits on a coarse grid, cast to float32 by the runner.
+    gen = torch.Generator().manual_seed(10)
+    vocab = 4096
+    target = sampling(temperature=1.0, top_k=50, top_p=1.0, seed=2024)
+    neighbour = sampling(temperature=1.0, top_k=companion_top_k, top_p=1.0)
+    steps = [(torch.randn(1, vocab, generator=gen) * 3 + 10).to(torch.bfloat16).float() for _ in range(40)]
+    assert any(len(set(row[0].topk(50).values.tolist())) < 50 for row in steps), "the logits have ties"
+    alone = [o.token_ids[0] for o in _run_steps(steps, [target], [2024])]
+    batched = _run_steps([torch.cat([row, torch.randn(1, vocab, generator=gen)]) for row in steps],
+                         [target, neighbour], [2024, 7])
+    assert [o.token_ids[0] for o in batched] == alone
+
+
 def test_a_seeded_row_is_unaffected_by_greedy_rows_around_it():
     # Greedy rows draw no random numbers, so adding them must not shift the seeded stream.
     gen = torch.Generator().manual_seed(7)
@@ -235,6 +250,18 @@ def test_a_seeded_row_is_unaffected_by_greedy_rows_around_it():
     alone = [o.token_ids[0] for o in _run_steps(logits, [target], [99])]
     padded = [torch.cat([torch.randn(2, 50, generator=gen), row]) for row in logits]
     mixed = [o.token_ids[2] for o in _run_steps(padded, [greedy(), greedy(), target], [None, None, 99])]
+    assert mixed == alone
+
+
+def test_a_seeded_row_is_unaffected_by_a_greedy_row_that_carries_a_generator():
+    gen = torch.Generator().manual_seed(9)
+    target = sampling(temperature=1.0, top_k=0, seed=42)
+    logits = [torch.randn(1, 50, generator=gen) for _ in range(30)]
+    alone = [o.token_ids[0] for o in _run_steps(logits, [target], [42])]
+    sampler = Sampler()
+    randoms = [RowRandom(1), RowRandom(42)]  # the greedy row's generator must stay unused
+    mixed = [sampler(torch.cat([torch.randn(1, 50, generator=gen), row]), [greedy(), target], randoms).token_ids[1]
+             for row in logits]
     assert mixed == alone
 
 

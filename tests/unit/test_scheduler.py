@@ -174,7 +174,7 @@ def test_a_long_prompt_never_stalls_the_decoding_rows():
     assert all(s.generated_ids == expected_output(s) for s in decoders + [long_prompt])
 
 
-def test_decode_rows_are_scheduled_before_a_waiting_prompt_even_if_it_arrived_first():
+def test_decode_rows_are_scheduled_before_a_new_prompt():
     # A prompt that arrives while others decode gets only the budget they leave.
     eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=4)
     a, b = make_seq(0, 2, 20), make_seq(1, 2, 20)
@@ -245,19 +245,21 @@ def test_when_the_kv_store_runs_out_the_newest_sequence_is_preempted_and_recompu
     assert eng.blocks.num_free == eng.blocks.num_blocks
 
 
-def test_a_preempted_sequence_resumes_before_later_arrivals():
-    eng = FakeEngine(num_blocks=4, block_size=2, max_num_seqs=8, max_num_batched_tokens=64)
-    old, new = make_seq(0, 2, 5), make_seq(1, 2, 5)
-    eng.add(old)
-    eng.add(new)
+def test_a_preempted_sequence_resumes_before_sequences_queued_after_it():
+    # Two rows at most: `late` waits behind the running pair, then `new` is preempted.
+    eng = FakeEngine(num_blocks=4, block_size=2, max_num_seqs=2, max_num_batched_tokens=64)
+    old, new, late = make_seq(0, 2, 5), make_seq(1, 2, 5), make_seq(2, 1, 1)
+    for seq in (old, new, late):
+        eng.add(seq)
     while not eng.step().preempted:
-        pass
-    late = make_seq(2, 1, 1)
-    eng.add(late)
+        assert late.status is Status.WAITING
+    preempt_step = len(eng.outputs) - 1
+    assert list(eng.sched.waiting) == [new, late], "the preempted sequence goes back to the head of the queue"
     eng.run(max_steps=30)
-    new_resume = min(step for step, start, *_ in eng.chunks_of(new) if start == 0 and step > 0)
+    new_resume = min(step for step, *_ in eng.chunks_of(new) if step > preempt_step)
     late_start = min(step for step, *_ in eng.chunks_of(late))
     assert new_resume <= late_start
+    assert all(s.generated_ids == expected_output(s) for s in (old, new, late))
 
 
 def test_preemption_under_pressure_still_gives_every_sequence_exactly_its_tokens():

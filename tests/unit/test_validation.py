@@ -161,9 +161,10 @@ def test_max_length_past_the_context_is_rejected():
     assert err.field == "max_length" and "100" in str(err)
 
 
-def test_max_length_never_grants_more_than_the_server_limit():
-    params = resolve_params(RawParams(max_length=100), 10, LIMITS)
-    assert params.max_new_tokens <= LIMITS.max_new_tokens
+def test_max_length_past_the_server_limit_is_rejected_not_clamped():
+    err = rejected(RawParams(max_length=10 + LIMITS.max_new_tokens + 1))
+    assert err.field == "max_length" and str(LIMITS.max_new_tokens) in str(err)
+    assert resolve_params(RawParams(max_length=10 + LIMITS.max_new_tokens), 10, LIMITS).max_new_tokens == LIMITS.max_new_tokens
 
 
 def test_max_new_tokens_wins_over_max_length_as_in_hf_generate():
