@@ -11,16 +11,14 @@ import itertools
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
-from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner
+from .generation import Generation
+from .model_runner import ModelRunner, RunnerOutput
 from .request import FinishReason, GenerationRequest, TokenEvent
-from .sampler import RowRandom, Sampler
+from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Sequence
-from .stopping import check_stop
+from .sequence import SequenceGroup
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +29,8 @@ class EngineUnavailable(RuntimeError):
     """The engine is stopping or its thread has died: it takes no new requests."""
 
 
-@dataclass(eq=False)
-class _Live:
-    """Engine-side state of one admitted request."""
-
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer
-    random: RowRandom | None
+class RequestTooLarge(ValueError):
+    """The request can never fit in the KV store."""
 
 
 class Engine:
@@ -56,7 +49,8 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.publish = publish
         self.sampler = sampler or Sampler()
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Generation] = {}
+        self._token_texts: dict[int, str] = {}
         self._inbox: deque[tuple[str, object]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -69,6 +63,15 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         if self._stopping or (self._thread is not None and not self._thread.is_alive()):
             raise EngineUnavailable("the engine is not running; the server is shutting down or failed")
+        params = request.params
+        tokens = len(request.prompt_ids) + (0 if request.score_from is not None else params.max_new_tokens)
+        width = 1 if request.score_from is not None else params.width
+        if not self.scheduler.fits_ever(tokens, width):
+            capacity = self.scheduler.blocks.num_blocks * self.scheduler.blocks.block_size
+            raise RequestTooLarge(
+                f"{width} sequence(s) of up to {tokens} tokens need more KV than the store holds "
+                f"({capacity} tokens); lower max_new_tokens, num_beams or num_return_sequences"
+            )
         self._post("add", request)
 
     def abort(self, request_id: str) -> None:
@@ -98,7 +101,7 @@ class Engine:
             self._loop()
         finally:
             # Also when the thread dies of a bug: no open stream may hang.
-            self.publish([self._finish(live, FinishReason.CANCELLED) for live in list(self._live.values())])
+            self.publish([self._end(rid, FinishReason.CANCELLED) for rid in list(self._live)])
 
     def _loop(self) -> None:
         while True:
@@ -126,18 +129,30 @@ class Engine:
             if kind == "add":
                 self._admit(item)
             elif item in self._live:
-                events.append(self._finish(self._live[item], FinishReason.CANCELLED))
+                events.append(self._end(item, FinishReason.CANCELLED))
         if events:
             self.publish(events)
 
     def _admit(self, request: GenerationRequest) -> None:
-        seq = Sequence.from_request(next(self._seq_ids), request)
-        random = RowRandom(request.params.seed) if request.params.do_sample else None
-        self._live[request.request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer), random)
-        self.scheduler.add(seq)
+        group = SequenceGroup.from_request(next(self._seq_ids), request)
+        self._live[request.request_id] = Generation(
+            group, self.tokenizer, self.eos_token_ids, self._token_text, self._seq_ids
+        )
+        self.scheduler.add(group)
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _end(self, request_id: str, reason: FinishReason, error: str = "") -> TokenEvent:
+        return self._live.pop(request_id).abort(reason, self.scheduler, error)
 
     def _step_safely(self) -> None:
         out = self.scheduler.schedule()
+        for group in out.preempted:
+            self._live[group.request_id].restart()
         if not out.chunks:
             return
         try:
@@ -146,59 +161,53 @@ class Engine:
             log.exception("engine step failed")
             error = f"{type(exc).__name__}: {exc}"
             touched = {chunk.seq.request_id for chunk in out.chunks}
-            events = [self._finish(self._live[rid], FinishReason.ERROR, error) for rid in touched]
+            events = [self._end(rid, FinishReason.ERROR, error) for rid in touched if rid in self._live]
         self.publish(events)
 
     def step(self, out: SchedulerOutput) -> list[TokenEvent]:
         result = self.runner.execute(out)
         self.scheduler.step_done(out)
-        lives = [self._live[chunk.seq.request_id] for chunk in result.chunks]
-        sampled = self.sampler(
-            result.logits, [live.seq.request.params for live in lives], [live.random for live in lives]
-        )
+        events = self._score(out, result)
+        rows = [(self._live[chunk.seq.request_id], chunk.seq, first) for chunk, first, _ in result.rows
+                if chunk.seq.request.score_from is None]
+        if rows:
+            logits = result.logits[[first for _, _, first in rows]]  # [rows, vocab]
+            sampled = self.sampler(logits, [gen.sample_row(seq) for gen, seq, _ in rows])
+            events += self._apply(rows, sampled)
         self.steps += 1
-        return [
-            self._append(live, token, logprob)
-            for live, token, logprob in zip(lives, sampled.token_ids, sampled.logprobs)
-        ]
+        for event in events:
+            if event.final:
+                self._live.pop(event.request_id, None)
+        return events
 
-    def _append(self, live: _Live, token: int, logprob: float) -> TokenEvent:
-        seq = live.seq
-        seq.token_ids.append(token)
-        delta = live.detokenizer.add(token)
-        params = seq.request.params
-        reason = check_stop(
-            last_token=token,
-            num_generated=seq.num_generated,
-            max_new_tokens=params.max_new_tokens,
-            eos_token_ids=self.eos_token_ids,
-            text=live.detokenizer.text,
-            new_text_len=len(delta),
-            stop_strings=params.stop_strings,
-        )
-        if reason is not None:
-            return self._finish(live, reason, token=token, logprob=logprob, text=delta)
-        return TokenEvent(seq.request_id, (token,), (logprob,), delta)
+    def _score(self, out: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
+        """Scoring rows: log-probabilities of their continuation tokens."""
+        rows = {id(chunk): (first, count) for chunk, first, count in result.rows}
+        events = []
+        for chunk in out.chunks:
+            gen = self._live.get(chunk.seq.request_id)
+            if gen is None or not gen.is_scoring:
+                continue
+            first, count = rows.get(id(chunk), (0, 0))
+            logprobs = []
+            if count:
+                start = max(chunk.start, chunk.seq.request.score_from - 1)
+                labels = chunk.seq.token_ids[start + 1 : start + 1 + count]
+                logprobs = self.sampler.label_logprobs(result.logits[first : first + count], labels)
+            events += gen.on_scores(logprobs, chunk.samples, self.scheduler)
+        return events
 
-    def _finish(
-        self, live: _Live, reason: FinishReason, error: str = "", token: int | None = None,
-        logprob: float = 0.0, text: str = "",
-    ) -> TokenEvent:
-        seq = live.seq
-        self.scheduler.finish(seq)
-        del self._live[seq.request_id]
-        seq.finish_reason = reason
-        tokens = () if token is None else (token,)
-        return TokenEvent(
-            seq.request_id,
-            tokens,
-            (logprob,) if tokens else (),
-            text + live.detokenizer.flush(),
-            finish_reason=reason,
-            prompt_tokens=seq.prompt_len,
-            generated_tokens=seq.num_generated,
-            error=error,
-        )
+    def _apply(self, rows, sampled) -> list[TokenEvent]:
+        events = []
+        beam_rows: dict[str, list] = {}
+        for (gen, seq, _), row in zip(rows, sampled):
+            if gen.beams is not None:
+                beam_rows.setdefault(gen.request_id, []).append(row)
+            else:
+                events += gen.on_sampled(seq, row, self.scheduler)
+        for request_id, results in beam_rows.items():
+            events += self._live[request_id].on_beam_step(results, self.scheduler)
+        return events
 
     # -- accounting --------------------------------------------------------------
 

@@ -17,8 +17,21 @@ from .scheduler import ScheduledChunk, SchedulerOutput
 
 @dataclass
 class RunnerOutput:
-    logits: torch.Tensor  # [sampled rows, vocab], float32
-    chunks: list[ScheduledChunk]  # the chunks that sample, in row order
+    logits: torch.Tensor  # [kept positions, vocab], float32
+    # For each chunk whose logits are used, its first row in `logits` and how many:
+    # one row (the last position) for a sampling chunk, every scored position for a
+    # scoring chunk (the positions that predict a continuation token).
+    rows: list[tuple[ScheduledChunk, int, int]]
+
+
+def kept_positions(chunk: ScheduledChunk) -> range:
+    """Positions of `chunk` whose logits the engine needs."""
+    seq, end = chunk.seq, chunk.start + chunk.num_tokens
+    score_from = seq.request.score_from
+    if score_from is not None:
+        # Position p predicts token p + 1; the last position predicts nothing.
+        return range(max(chunk.start, score_from - 1), min(end, len(seq.token_ids) - 1))
+    return range(end - 1, end) if chunk.samples else range(0)
 
 
 class ModelRunner:
@@ -30,17 +43,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self.cache.copy_blocks(out.block_copies)
         chunks = out.chunks
-        ids, positions, slots, keep = [], [], [], []
+        ids, positions, slots, keep, rows = [], [], [], [], []
         offset = 0
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slots.extend(self._slots(seq.block_table, start, start + n))
+            wanted = kept_positions(chunk)
+            if wanted:
+                rows.append((chunk, len(keep), len(wanted)))
+                keep.extend(offset + p - start for p in wanted)
             offset += n
-            if chunk.samples:
-                keep.append(offset - 1)
         dev = self.device
         batch = AttentionBatch(
             cache=self.cache,
@@ -58,7 +74,7 @@ class ModelRunner:
             use_cache=False,
             tokenloom_batch=batch,
         ).logits[0]
-        return RunnerOutput(logits=logits.float(), chunks=[c for c in chunks if c.samples])
+        return RunnerOutput(logits=logits.float(), rows=rows)
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size

@@ -10,8 +10,16 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .request import GenerationRequest
-from .validation import InvalidArgument, Limits, RawParams, check_exactly_one_input, check_prompt_ids, resolve_params
+from .request import GenerationRequest, SamplingParams
+from .validation import (
+    InvalidArgument,
+    Limits,
+    RawParams,
+    check_exactly_one_input,
+    check_prompt_ids,
+    check_token_ids,
+    resolve_params,
+)
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,30 @@ class Preprocessor:
         ids = self.prompt_ids(user)
         check_prompt_ids(ids, self.vocab_size, self.limits)
         params = resolve_params(raw, len(ids), self.limits)
+        check_token_ids("stop_token_ids", params.stop_token_ids, self.vocab_size)
         return GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_ids=tuple(ids), params=params, arrival_time=time.monotonic()
+        )
+
+    def score(self, prompt: UserInput, continuation: str, continuation_ids: tuple[int, ...]) -> GenerationRequest:
+        """A request that scores `continuation` after the prompt (text tokenised alone, no special tokens)."""
+        ids = self.prompt_ids(prompt)
+        if bool(continuation) == bool(continuation_ids):
+            raise InvalidArgument("continuation", "set exactly one of continuation or continuation_ids")
+        cont = list(continuation_ids) or self.tokenizer.encode(continuation, add_special_tokens=False)
+        if not cont:
+            raise InvalidArgument("continuation", "the continuation encodes to zero tokens")
+        check_token_ids("continuation_ids", tuple(cont), self.vocab_size)
+        check_prompt_ids(ids, self.vocab_size, self.limits)
+        if len(ids) + len(cont) > self.limits.context_length:
+            raise InvalidArgument(
+                "continuation",
+                f"prompt ({len(ids)}) + continuation ({len(cont)}) tokens exceed the context length "
+                f"{self.limits.context_length}",
+            )
+        return GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_ids=tuple(ids + cont), params=SamplingParams(max_new_tokens=1),
+            arrival_time=time.monotonic(), score_from=len(ids),
         )
 
     def prompt_ids(self, user: UserInput) -> list[int]:

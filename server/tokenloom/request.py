@@ -33,6 +33,27 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # False, True or "never", as HF
+    num_return_sequences: int = 1
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_n: int = 0
+
+    @property
+    def is_beam(self) -> bool:
+        return self.num_beams > 1
+
+    @property
+    def width(self) -> int:
+        """Rows this request occupies in a step once it runs."""
+        return max(self.num_beams, self.num_return_sequences)
 
 
 @dataclass(frozen=True)
@@ -41,14 +62,35 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     arrival_time: float = 0.0
+    # Scoring requests only: prompt_ids = prompt + continuation, and the continuation
+    # starts at this index. Nothing is generated.
+    score_from: int | None = None
+
+
+@dataclass(frozen=True)
+class TopToken:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One returned sequence of a request with several (beams, n samples)."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    score: float
+    finish_reason: FinishReason
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     """What one engine step produced for one request.
 
-    `token_ids` may be empty on the final event (e.g. cancelled) or when the
-    detokenizer holds back an incomplete character; `text` is the matching delta.
+    `token_ids` may be empty (e.g. cancelled, or text held back for an
+    incomplete character). `finish_reason` ends the sequence `index`; `final`
+    ends the request (the last event of every request has it).
     """
 
     request_id: str
@@ -56,13 +98,14 @@ class TokenEvent:
     logprobs: tuple[float, ...] = ()
     text: str = ""
     finish_reason: FinishReason | None = None
+    final: bool = False
+    index: int = 0
+    top_tokens: tuple[tuple[TopToken, ...], ...] = ()
+    provisional: bool = False  # beams: `hypotheses` holds the best so far
+    hypotheses: tuple[Hypothesis, ...] = ()
     prompt_tokens: int = 0
     generated_tokens: int = 0
     error: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass
@@ -73,17 +116,24 @@ class GenerationOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
+    top_tokens: list[tuple[TopToken, ...]] = field(default_factory=list)
+    hypotheses: tuple[Hypothesis, ...] = ()
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0
     error: str = ""
 
     def add(self, event: TokenEvent) -> None:
-        self.token_ids.extend(event.token_ids)
-        self.logprobs.extend(event.logprobs)
-        self.text += event.text
-        if event.finished:
-            self.finish_reason = event.finish_reason
+        if event.index == 0 and not event.provisional:
+            self.token_ids.extend(event.token_ids)
+            self.logprobs.extend(event.logprobs)
+            self.text += event.text
+            self.top_tokens.extend(event.top_tokens)
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+        if event.final:
+            self.hypotheses = event.hypotheses
+            self.finish_reason = event.finish_reason or self.finish_reason
             self.prompt_tokens = event.prompt_tokens
             self.generated_tokens = event.generated_tokens
             self.error = event.error

@@ -9,17 +9,30 @@ vocabulary sort unless some row disables top-k, and no `torch.multinomial`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .logits_processors import RowContext, apply_penalties
 from .request import SamplingParams
 
 
 @dataclass
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float]  # under the model's own distribution (before temperature/top-k/top-p)
+class SampleRow:
+    """What the sampler needs to know about one row."""
+
+    params: SamplingParams
+    context: RowContext  # history and penalties (HF's logits processors)
+    randoms: list[RowRandom | None]  # one draw per entry (n samples of a prompt draw n); None = greedy
+    beam_candidates: int = 0  # beam rows: how many (token, log-prob) candidates to return instead
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # raw model log-prob of each drawn token
+    top_tokens: list[tuple[int, float]] = field(default_factory=list)  # top_n alternatives, raw log-probs
+    candidates: list[tuple[int, float]] = field(default_factory=list)  # beam rows: processed log-probs
 
 
 class RowRandom:
@@ -37,19 +50,65 @@ class RowRandom:
 
 
 class Sampler:
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], randoms: list[RowRandom | None]
-    ) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[RowResult]:
         # logits: [rows, vocab] float32
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tokens = logits.argmax(dim=-1)
-        sampled = [i for i, p in enumerate(params) if p.do_sample]
+        raw = torch.log_softmax(logits, dim=-1)  # the model's own distribution
+        results = [RowResult() for _ in rows]
+        self._top_n(raw, rows, results)
+        beam = [i for i, r in enumerate(rows) if r.beam_candidates]
+        if beam:
+            self._beam_candidates(raw, beam, rows, results)
+        drawn = [i for i, r in enumerate(rows) if not r.beam_candidates]
+        if drawn:
+            self._draw(logits, raw, drawn, rows, results)
+        return results
+
+    @staticmethod
+    def label_logprobs(logits: torch.Tensor, labels: list[int]) -> list[float]:
+        """log p(label_i) under row i of `logits` ([rows, vocab]): scoring."""
+        index = torch.tensor(labels, device=logits.device)[:, None]
+        return torch.log_softmax(logits, dim=-1).gather(1, index)[:, 0].tolist()
+
+    @staticmethod
+    def _top_n(raw: torch.Tensor, rows: list[SampleRow], results: list[RowResult]) -> None:
+        wanted = [i for i, r in enumerate(rows) if r.params.top_n]
+        if not wanted:
+            return
+        n = max(rows[i].params.top_n for i in wanted)
+        values, index = raw[wanted].topk(n, dim=-1)  # [wanted, n], best first
+        for i, vals, ids in zip(wanted, values.tolist(), index.tolist()):
+            k = rows[i].params.top_n
+            results[i].top_tokens = list(zip(ids[:k], vals[:k]))
+
+    @staticmethod
+    def _beam_candidates(raw: torch.Tensor, beam: list[int], rows: list[SampleRow], results: list[RowResult]) -> None:
+        # HF beam search applies the processors to log-softmax scores.
+        scores = apply_penalties(raw[beam], [rows[i].context for i in beam])
+        k = max(rows[i].beam_candidates for i in beam)
+        values, index = scores.topk(k, dim=-1)
+        for i, vals, ids in zip(beam, values.tolist(), index.tolist()):
+            k_i = rows[i].beam_candidates
+            results[i].candidates = list(zip(ids[:k_i], vals[:k_i]))
+
+    def _draw(self, logits, raw, drawn: list[int], rows: list[SampleRow], results: list[RowResult]) -> None:
+        processed = apply_penalties(logits[drawn], [rows[i].context for i in drawn])  # [drawn, vocab]
+        # One line per draw: a prompt with n samples is drawn n times from its one row.
+        line_row = [pos for pos, i in enumerate(drawn) for _ in rows[i].randoms]
+        line_random = [rnd for i in drawn for rnd in rows[i].randoms]
+        line_params = [rows[drawn[pos]].params for pos in line_row]
+        lines = processed[line_row]  # [draws, vocab]
+        tokens = lines.argmax(dim=-1)
+        sampled = [j for j, p in enumerate(line_params) if p.do_sample]
         if sampled:
-            uniforms = [randoms[i].uniform() for i in sampled]
-            rows = torch.tensor(sampled, device=logits.device)
-            tokens[rows] = self._sample(logits[rows], [params[i] for i in sampled], uniforms)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.tolist())
+            uniforms = [line_random[j].uniform() for j in sampled]
+            index = torch.tensor(sampled, device=logits.device)
+            tokens[index] = self._sample(lines[index], [line_params[j] for j in sampled], uniforms)
+        source = torch.tensor([drawn[pos] for pos in line_row], device=logits.device)
+        chosen = raw[source].gather(1, tokens[:, None])[:, 0]
+        for pos, token, logprob in zip(line_row, tokens.tolist(), chosen.tolist()):
+            result = results[drawn[pos]]
+            result.token_ids.append(token)
+            result.logprobs.append(logprob)
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
         """Rows are grouped by their own top-k, so a row's window never depends on its neighbours'."""
@@ -86,6 +145,28 @@ class Sampler:
         # (the most likely token always stays).
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+        # Read with getattr: SamplingParams gains min_p / typical_p in a separate change.
+        min_p = [getattr(p, "min_p", 0.0) for p in params]
+        if any(m > 0.0 for m in min_p):
+            # HF min-p on the top-p-filtered distribution; renormalising it would not change p / p_max,
+            # and column 0 holds p_max, so that token (the one HF's min_tokens_to_keep=1 saves) stays.
+            floor = torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * probs[:, :1]
+            probs = probs.masked_fill(probs < floor, 0.0)
+        typical_p = [getattr(p, "typical_p", 1.0) for p in params]
+        if any(t < 1.0 for t in typical_p):
+            # HF typical-p on what min-p left: rank tokens by |-log p - entropy| and keep the least
+            # surprising ones until their mass reaches typical_p, plus every token tied with the last.
+            # Removed tokens have p = 0, hence an infinite shift, and rank last.
+            mass = torch.tensor(typical_p, device=dev, dtype=probs.dtype)[:, None]
+            dist = probs / probs.sum(dim=-1, keepdim=True)
+            log_p = dist.log()
+            entropy = -(dist * log_p).nansum(dim=-1, keepdim=True)
+            shift = (-log_p - entropy).abs()  # [rows, k]
+            ranked, order = shift.sort(dim=-1, stable=True)
+            last = (dist.gather(1, order).cumsum(dim=-1) < mass).sum(dim=-1, keepdim=True).clamp_(max=k - 1)
+            # The least shifted token never exceeds the threshold, so at least one token always stays.
+            atypical = (shift > ranked.gather(1, last)) & (mass < 1.0)
+            probs = probs.masked_fill(atypical, 0.0)
         cdf = probs.cumsum(dim=-1)
         u = torch.tensor(uniforms, device=dev, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
         pick = torch.searchsorted(cdf, u, right=True).clamp_(max=k - 1)

@@ -1,14 +1,15 @@
 """Who runs this step: pure Python, no torch.
 
-Policy, in order:
-1. Running sequences, oldest first, each with its pending tokens (one for a
-   decoding sequence, the next chunk for a prompt still being prefilled).
-   If the KV store cannot hold a sequence's new tokens, the newest running
-   sequence is preempted (its blocks freed; it is recomputed later).
-2. Waiting sequences, first come first served, while the step's token budget,
-   the row limit and free blocks allow. A prompt longer than the budget left
-   is prefilled in chunks over several steps (chunked prefill), so a long
-   prompt never stalls the decoding rows for more than one chunk.
+The unit of scheduling is a request's `SequenceGroup`. Policy, in order:
+1. Decode rows (one token each) of running groups, oldest group first. A beam
+   group's beams always run together. If the KV store cannot hold the new
+   tokens, the newest running group is preempted: its blocks are freed and it
+   is recomputed later (the engine restarts beam groups from their prompt).
+2. Prompt chunks of running groups still prefilling, in the budget left.
+3. Waiting groups, first come first served, while the token budget, the row
+   limit and free blocks allow. A prompt longer than the budget left is
+   prefilled in chunks over several steps (chunked prefill), so a long prompt
+   never stalls the decoding rows for more than one chunk.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
-from .sequence import Sequence, Status
+from .sequence import Sequence, SequenceGroup, Status
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,16 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence: its last logits are sampled."""
+        """True when this chunk reaches the end of the sequence: its last logits are used."""
         return self.start + self.num_tokens == len(self.seq.token_ids)
 
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    # (src, dst) KV blocks to copy before the forward: copy-on-write of shared blocks.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -59,100 +62,179 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order, oldest first
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []  # in admission order, oldest first
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        seq.status = Status.WAITING
-        self.waiting.append(seq)
+    def add(self, group: SequenceGroup) -> None:
+        group.status = Status.WAITING
+        self.waiting.append(group)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def fits_ever(self, num_tokens: int) -> bool:
-        """Whether a sequence of `num_tokens` tokens can ever be held by the KV store."""
-        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks
+    def fits_ever(self, num_tokens: int, width: int = 1) -> bool:
+        """Whether `width` sequences of `num_tokens` tokens, unshared, fit in the KV store at all."""
+        return self.blocks.blocks_for(num_tokens) * width <= self.blocks.num_blocks
+
+    @property
+    def rows_in_use(self) -> int:
+        return sum(g.width for g in self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_decodes(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_prefills(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if not out.chunks and len(self.running) > 1:
+            # Every running group is stuck mid-prefill on a full store: make room and retry.
+            self._preempt(self.running[-1], out)
+            return self._merge(out, self.schedule())
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    @staticmethod
+    def _merge(first: SchedulerOutput, second: SchedulerOutput) -> SchedulerOutput:
+        second.preempted[:0] = first.preempted
+        return second
+
+    # -- the three passes --------------------------------------------------------
+
+    def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> int:
         pending = deque(self.running)
-        kept: list[Sequence] = []
         while pending:
-            seq = pending.popleft()
-            n = min(seq.num_pending, budget)
-            if n == 0:
-                kept.append(seq)
+            group = pending.popleft()
+            rows = [s for s in group.seqs if s.num_pending == 1]
+            if not rows or len(rows) > budget:
                 continue
-            while self.blocks.extra_blocks(seq.block_table, seq.num_computed + n) > self.blocks.num_free:
-                victim = pending.pop() if pending else seq
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
+            while self._blocks_needed(rows, 1) > self.blocks.num_free:
+                victim = pending.pop() if pending else group
+                self._preempt(victim, out)
+                if victim is group:
                     break
-            if seq.status is not Status.RUNNING:
+            if group.status is not Status.RUNNING:
                 continue
-            self.blocks.grow(seq.block_table, seq.num_computed + n)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
-            budget -= n
-            kept.append(seq)
-        self.running = kept
+            for seq in rows:
+                self._take(seq, 1, out)
+            budget -= len(rows)
+        return budget
+
+    def _schedule_prefills(self, out: SchedulerOutput, budget: int) -> int:
+        for group in self.running:
+            for seq in group.seqs:
+                if seq.num_pending > 1 and budget > 0:
+                    n = min(seq.num_pending, budget)
+                    if self._blocks_needed([seq], n) <= self.blocks.num_free:
+                        self._take(seq, n, out)
+                        budget -= n
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_pending, budget)
-            # Keep one block per running sequence in reserve so admitting a
-            # prompt does not force an immediate preemption of a decoder.
-            reserve = len(self.running)
-            if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n) > self.blocks.num_free - reserve:
+        rows = self.rows_in_use
+        while self.waiting and budget > 0 and rows + self.waiting[0].width <= self.config.max_num_seqs:
+            group = self.waiting[0]
+            first = group.seqs[0]
+            n = min(first.num_pending, budget)
+            # Keep one block per running row in reserve so that admitting a prompt
+            # does not force an immediate preemption of a decoding row.
+            if self._blocks_needed([first], n) > self.blocks.num_free - rows:
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq.block_table, seq.num_computed + n)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
-            budget -= n
+            group.status = Status.RUNNING
+            for seq in group.seqs:
+                seq.status = Status.RUNNING
+            self.running.append(group)
+            rows += group.width
+            for seq in group.seqs:
+                n = min(seq.num_pending, budget)
+                if n and self._blocks_needed([seq], n) <= self.blocks.num_free:
+                    self._take(seq, n, out)
+                    budget -= n
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's KV; it recomputes prompt + generated tokens later."""
-        self.blocks.free(seq.block_table)
+    # -- blocks --------------------------------------------------------------------
+
+    def _blocks_needed(self, seqs: list[Sequence], n: int) -> int:
+        need = 0
+        for seq in seqs:
+            need += self.blocks.extra_blocks(seq.block_table, seq.num_computed + n)
+            if self._writes_shared_block(seq):
+                need += 1
+        return need
+
+    def _writes_shared_block(self, seq: Sequence) -> bool:
+        index = seq.num_computed // self.blocks.block_size
+        return index < len(seq.block_table) and self.blocks.refcount(seq.block_table[index]) > 1
+
+    def _take(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
+        if self._writes_shared_block(seq):
+            out.block_copies.append(self.blocks.make_writable(seq.block_table, seq.num_computed))
+        self.blocks.grow(seq.block_table, seq.num_computed + n)
+        out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        """Free a running group's KV; its sequences recompute their tokens later."""
+        for seq in group.seqs:
+            self.blocks.free(seq.block_table)
+            seq.num_computed = 0
+            seq.status = Status.WAITING
+        group.status = Status.WAITING
+        self.running.remove(group)
+        self.waiting.appendleft(group)
+        out.preempted.append(group)
         self.num_preemptions += 1
-        seq.num_computed = 0
-        seq.status = Status.WAITING
-        self.waiting.appendleft(seq)  # `_schedule_running` drops it from `running`
+
+    # -- after the step ----------------------------------------------------------------
 
     def step_done(self, out: SchedulerOutput) -> None:
         """The chunks of `out` now have their KV in the store."""
         for chunk in out.chunks:
             chunk.seq.num_computed += chunk.num_tokens
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove `seq` wherever it is and free its blocks at once."""
-        if seq.status is Status.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is Status.WAITING:
-            self.waiting.remove(seq)
+    def fork(self, group: SequenceGroup, parent: Sequence, token_ids: list[int], seq_id: int) -> Sequence:
+        """A new member of `group` that shares `parent`'s computed KV and continues with `token_ids`."""
+        child = parent.child(seq_id, token_ids, self.blocks.fork(parent.block_table))
+        group.seqs.append(child)
+        return child
+
+    def replace_members(self, group: SequenceGroup, members: list[Sequence]) -> None:
+        """Swap a group's sequences (beam reselection): `members` hold forked tables already."""
+        for seq in group.seqs:
+            self.blocks.free(seq.block_table)
+            seq.status = Status.FINISHED
+        group.seqs = members
+
+    def finish_seq(self, group: SequenceGroup, seq: Sequence) -> None:
+        """One member is done: free its blocks now; the group ends with its last member."""
         self.blocks.free(seq.block_table)
         seq.status = Status.FINISHED
+        group.seqs.remove(seq)
+        if not group.seqs:
+            self.finish(group)
+
+    def finish(self, group: SequenceGroup) -> None:
+        """Remove `group` wherever it is and free all its blocks at once."""
+        if group.status is Status.RUNNING:
+            self.running.remove(group)
+        elif group.status is Status.WAITING:
+            self.waiting.remove(group)
+        for seq in group.seqs:
+            self.blocks.free(seq.block_table)
+            seq.status = Status.FINISHED
+        group.status = Status.FINISHED
 
     def check_invariants(self) -> None:
-        seqs = list(self.waiting) + self.running
-        if len({id(s) for s in seqs}) != len(seqs):
-            raise AssertionError("a sequence is queued twice")
-        for seq in self.waiting:
-            if seq.status is not Status.WAITING:
-                raise AssertionError(f"waiting sequence {seq.seq_id} has status {seq.status}")
-        for seq in self.running:
-            if seq.status is not Status.RUNNING:
-                raise AssertionError(f"running sequence {seq.seq_id} has status {seq.status}")
-            if self.blocks.blocks_for(seq.num_computed) > len(seq.block_table):
-                raise AssertionError(f"sequence {seq.seq_id} has KV beyond its blocks")
-        self.blocks.check_invariants([s.block_table for s in seqs])
+        groups = list(self.waiting) + self.running
+        if len({id(g) for g in groups}) != len(groups):
+            raise AssertionError("a group is queued twice")
+        for group in groups:
+            expected = Status.WAITING if group in self.waiting else Status.RUNNING
+            if group.status is not expected:
+                raise AssertionError(f"group {group.request_id} has status {group.status}, expected {expected}")
+            for seq in group.seqs:
+                if seq.status is not expected:
+                    raise AssertionError(f"sequence {seq.seq_id} has status {seq.status}, expected {expected}")
+                if self.blocks.blocks_for(seq.num_computed) > len(seq.block_table):
+                    raise AssertionError(f"sequence {seq.seq_id} has KV beyond its blocks")
+        if self.rows_in_use > self.config.max_num_seqs:
+            raise AssertionError(f"{self.rows_in_use} rows running, limit {self.config.max_num_seqs}")
+        self.blocks.check_invariants([s.block_table for g in groups for s in g.seqs])

@@ -1,8 +1,12 @@
-"""One sequence's state as the scheduler and engine see it: pure Python.
+"""Sequences and the groups they belong to, as the scheduler and engine see them: pure Python.
 
 A sequence is a token list whose first `num_computed` tokens have KV in the
 store. Prefill and decode are the same operation: compute the tokens from
 `num_computed` on, and when the last one is computed, sample the next token.
+
+A request is a group of sequences scheduled, preempted and finished together:
+one sequence for plain requests, `num_beams` beams or `num_return_sequences`
+samples once the prompt is prefilled (they fork from it and share its KV).
 """
 
 from __future__ import annotations
@@ -53,3 +57,31 @@ class Sequence:
     def num_pending(self) -> int:
         """Tokens whose KV is not computed yet (1 for a decoding sequence)."""
         return len(self.token_ids) - self.num_computed
+
+    def child(self, seq_id: int, token_ids: list[int], block_table: list[int]) -> "Sequence":
+        """A sequence continuing this one's computed KV (shared blocks) with its own tokens."""
+        return Sequence(seq_id, self.request, token_ids, self.status, self.num_computed, block_table)
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    request: GenerationRequest
+    seqs: list[Sequence]
+    status: Status = Status.WAITING
+
+    @classmethod
+    def from_request(cls, seq_id: int, request: GenerationRequest) -> "SequenceGroup":
+        return cls(request, [Sequence.from_request(seq_id, request)])
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def width(self) -> int:
+        """Rows the group may occupy in one step (all its beams or samples)."""
+        return max(self.request.params.width, len(self.seqs))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)

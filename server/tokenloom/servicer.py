@@ -12,9 +12,9 @@ import grpc
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
 
-from .engine import EngineUnavailable
+from .engine import EngineUnavailable, RequestTooLarge
 from .preprocessor import Preprocessor, UserInput
-from .request import FinishReason, GenerationOutput, GenerationRequest, TokenEvent
+from .request import FinishReason, GenerationOutput, GenerationRequest, Hypothesis, TokenEvent, TopToken
 from .stream import StreamHub
 from .validation import InvalidArgument, RawParams
 
@@ -72,6 +72,27 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             text=out.text,
             finish_reason=_FINISH[out.finish_reason],
             usage=pb.Usage(prompt_tokens=out.prompt_tokens, generated_tokens=out.generated_tokens),
+            top_tokens=[_top_tokens(t) for t in out.top_tokens],
+            hypotheses=[_hypothesis(h) for h in out.hypotheses],
+        )
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
+        prompt = UserInput(prompt=request.prompt, input_ids=tuple(request.prompt_ids))
+        try:
+            req = await asyncio.to_thread(
+                self.preprocessor.score, prompt, request.continuation, tuple(request.continuation_ids)
+            )
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        out = GenerationOutput(req.request_id)
+        async for event in self._events(req, context):
+            out.add(event)
+        return pb.ScoreResponse(
+            request_id=request.request_id or req.request_id,
+            prompt_ids=req.prompt_ids[: req.score_from],
+            continuation_ids=out.token_ids,
+            logprobs=out.logprobs,
+            total_logprob=sum(out.logprobs),
         )
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext):
@@ -93,6 +114,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 max_input_tokens=limits.context_length - 1,
                 max_num_seqs=s.max_num_seqs,
                 kv_cache_tokens=s.kv_cache_tokens,
+                max_num_beams=limits.max_num_beams,
+                max_num_return_sequences=limits.max_num_return_sequences,
+                max_top_n=limits.max_top_n,
             ),
         )
 
@@ -120,22 +144,45 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield event
         except EngineUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except RequestTooLarge as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+
+_EARLY_STOPPING = {
+    pb.EARLY_STOPPING_FALSE: False,
+    pb.EARLY_STOPPING_TRUE: True,
+    pb.EARLY_STOPPING_NEVER: "never",
+}
+
+_OPTIONAL = (
+    "max_new_tokens", "max_length", "temperature", "top_k", "top_p", "seed", "num_beams", "length_penalty",
+    "num_return_sequences", "no_repeat_ngram_size", "repetition_penalty", "min_new_tokens", "min_p",
+    "typical_p", "top_n",
+)
 
 
 def _raw_params(p: pb.GenerationParameters) -> RawParams:
-    def opt(name):
-        return getattr(p, name) if p.HasField(name) else None
-
+    optional = {name: getattr(p, name) if p.HasField(name) else None for name in _OPTIONAL}
+    if p.early_stopping not in _EARLY_STOPPING:
+        raise InvalidArgument("early_stopping", f"unknown value {p.early_stopping}")
     return RawParams(
-        max_new_tokens=opt("max_new_tokens"),
-        max_length=opt("max_length"),
+        **optional,
         do_sample=p.do_sample,
-        temperature=opt("temperature"),
-        top_k=opt("top_k"),
-        top_p=opt("top_p"),
-        seed=opt("seed"),
         stop_strings=tuple(p.stop_strings),
+        early_stopping=_EARLY_STOPPING[p.early_stopping],
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
     )
+
+
+def _top_tokens(alternatives: tuple[TopToken, ...]) -> pb.TopTokens:
+    return pb.TopTokens(
+        alternatives=[pb.TopToken(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in alternatives]
+    )
+
+
+def _hypothesis(h: Hypothesis) -> pb.Hypothesis:
+    return pb.Hypothesis(token_ids=h.token_ids, text=h.text, score=h.score, finish_reason=_FINISH[h.finish_reason])
 
 
 def _to_response(event: TokenEvent, request_id: str) -> pb.GenerateResponse:
@@ -146,8 +193,12 @@ def _to_response(event: TokenEvent, request_id: str) -> pb.GenerateResponse:
         text=event.text,
         finish_reason=_FINISH[event.finish_reason],
         error_message=event.error,
+        index=event.index,
+        top_tokens=[_top_tokens(t) for t in event.top_tokens],
+        provisional=event.provisional,
+        hypotheses=[_hypothesis(h) for h in event.hypotheses],
     )
-    if event.finished:
+    if event.final:
         response.usage.prompt_tokens = event.prompt_tokens
         response.usage.generated_tokens = event.generated_tokens
     return response

@@ -40,7 +40,7 @@ class StreamHub:
             self.engine.submit(request)
             while not finished:
                 event = await queue.get()
-                finished = event.finished
+                finished = event.final
                 yield event
         finally:
             del self._queues[request.request_id]

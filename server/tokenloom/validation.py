@@ -28,6 +28,10 @@ class Limits:
     max_stop_strings: int = 16
     max_stop_string_length: int = 256
     max_chat_messages: int = 256
+    max_num_beams: int = 8
+    max_num_return_sequences: int = 8
+    max_top_n: int = 20
+    max_stop_token_ids: int = 16
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,18 @@ class RawParams:
     top_p: float | None = None
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str = False
+    num_return_sequences: int | None = None
+    no_repeat_ngram_size: int | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_n: int | None = None
 
 
 def check_exactly_one_input(has_prompt: bool, has_messages: bool, has_ids: bool) -> None:
@@ -66,9 +82,15 @@ def check_prompt_ids(ids: list[int] | tuple[int, ...], vocab_size: int, limits: 
         )
 
 
+def check_token_ids(field: str, ids: tuple[int, ...], vocab_size: int) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 def resolve_params(raw: RawParams, prompt_len: int, limits: Limits) -> SamplingParams:
     """Validate `raw` and apply HF `generate`'s defaults and length semantics."""
-    return SamplingParams(
+    params = SamplingParams(
         max_new_tokens=_max_new_tokens(raw, prompt_len, limits),
         do_sample=raw.do_sample,
         temperature=_temperature(raw),
@@ -76,7 +98,80 @@ def resolve_params(raw: RawParams, prompt_len: int, limits: Limits) -> SamplingP
         top_p=_top_p(raw),
         seed=raw.seed,
         stop_strings=_stop_strings(raw, limits),
+        num_beams=_bounded_int(raw.num_beams, "num_beams", 1, 1, limits.max_num_beams),
+        length_penalty=_finite(raw.length_penalty, "length_penalty", 1.0),
+        early_stopping=raw.early_stopping,
+        num_return_sequences=_bounded_int(
+            raw.num_return_sequences, "num_return_sequences", 1, 1, limits.max_num_return_sequences
+        ),
+        no_repeat_ngram_size=_bounded_int(raw.no_repeat_ngram_size, "no_repeat_ngram_size", 0, 0, 64),
+        repetition_penalty=_repetition_penalty(raw),
+        min_new_tokens=_bounded_int(raw.min_new_tokens, "min_new_tokens", 0, 0, limits.max_new_tokens),
+        min_p=_unit_interval(raw.min_p, "min_p", 0.0, allow_zero=True),
+        typical_p=_unit_interval(raw.typical_p, "typical_p", 1.0, allow_zero=False),
+        stop_token_ids=_stop_token_ids(raw, limits),
+        ignore_eos=raw.ignore_eos,
+        top_n=_bounded_int(raw.top_n, "top_n", 0, 0, limits.max_top_n),
     )
+    _check_combinations(params)
+    return params
+
+
+def _check_combinations(p: SamplingParams) -> None:
+    """Combinations HF would reject, or that tokenloom cannot honour, fail loudly."""
+    if p.is_beam:
+        if p.do_sample:
+            raise InvalidArgument("num_beams", "beam search with do_sample=true (beam sampling) is not supported")
+        if p.num_return_sequences > p.num_beams:
+            raise InvalidArgument(
+                "num_return_sequences",
+                f"num_return_sequences ({p.num_return_sequences}) must be <= num_beams ({p.num_beams})",
+            )
+        for field, unsupported in (("stop_strings", p.stop_strings), ("top_n", p.top_n)):
+            if unsupported:
+                raise InvalidArgument(field, f"{field} is not supported with beam search (num_beams > 1)")
+    elif p.num_return_sequences > 1 and not p.do_sample:
+        raise InvalidArgument(
+            "num_return_sequences",
+            "greedy decoding returns one sequence; set do_sample=true for several samples or num_beams for beams",
+        )
+
+
+def _bounded_int(value: int | None, field: str, default: int, low: int, high: int) -> int:
+    v = default if value is None else value
+    if not low <= v <= high:
+        raise InvalidArgument(field, f"must be in [{low}, {high}], got {v}")
+    return v
+
+
+def _finite(value: float | None, field: str, default: float) -> float:
+    v = default if value is None else value
+    if not math.isfinite(v):
+        raise InvalidArgument(field, f"must be a finite number, got {v}")
+    return v
+
+
+def _unit_interval(value: float | None, field: str, default: float, allow_zero: bool) -> float:
+    v = default if value is None else value
+    ok = math.isfinite(v) and (0.0 <= v if allow_zero else 0.0 < v) and v <= 1.0
+    if not ok:
+        raise InvalidArgument(field, f"must be in {'[0' if allow_zero else '(0'}, 1], got {v}")
+    return v
+
+
+def _repetition_penalty(raw: RawParams) -> float:
+    v = _finite(raw.repetition_penalty, "repetition_penalty", 1.0)
+    if v <= 0:
+        raise InvalidArgument("repetition_penalty", f"must be > 0 (1.0 is off), got {v}")
+    return v
+
+
+def _stop_token_ids(raw: RawParams, limits: Limits) -> tuple[int, ...]:
+    if len(raw.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidArgument(
+            "stop_token_ids", f"{len(raw.stop_token_ids)} given; at most {limits.max_stop_token_ids} are allowed"
+        )
+    return tuple(raw.stop_token_ids)
 
 
 def _max_new_tokens(raw: RawParams, prompt_len: int, limits: Limits) -> int:

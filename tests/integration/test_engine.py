@@ -72,7 +72,7 @@ def test_abort_frees_the_rows_blocks_within_one_step(tiny_dirs):
     h.engine.abort(drop)
     h.step()
     assert h.outputs[drop].finish_reason.value == "cancelled"
-    keep_seq = next(s for s in h.runtime.scheduler.running)
+    keep_seq = h.runtime.scheduler.running[0].seqs[0]
     assert h.runtime.blocks.num_used == len(keep_seq.block_table) < used_both
     while h.runtime.scheduler.has_work():
         h.step()

@@ -39,9 +39,9 @@ def test_client_rejects_unknown_parameter_by_name():
 def test_async_client_rejects_unknown_parameter_by_name():
     async def scenario():
         async with AsyncClient(UNUSED_TARGET) as client:
-            with pytest.raises(TypeError, match="num_beams"):
-                await client.generate("hi", num_beams=4)
-            with pytest.raises(TypeError, match="num_beams"):
-                client.stream("hi", num_beams=4)
+            with pytest.raises(TypeError, match="beam_width"):
+                await client.generate("hi", beam_width=4)
+            with pytest.raises(TypeError, match="beam_width"):
+                client.stream("hi", beam_width=4)
 
     asyncio.run(scenario())
