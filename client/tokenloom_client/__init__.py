@@ -5,15 +5,28 @@ Failed RPCs raise `grpc.RpcError`; see `tokenloom_client.client`.
 """
 
 from .client import AsyncClient, Client
-from .types import ChatMessage, GenerationResult, Limits, ModelInfo, StreamChunk, Usage
+from .types import (
+    ChatMessage,
+    GenerationResult,
+    Hypothesis,
+    Limits,
+    ModelInfo,
+    ScoreResult,
+    StreamChunk,
+    TopToken,
+    Usage,
+)
 
 __all__ = [
     "AsyncClient",
     "ChatMessage",
     "Client",
     "GenerationResult",
+    "Hypothesis",
     "Limits",
     "ModelInfo",
+    "ScoreResult",
     "StreamChunk",
+    "TopToken",
     "Usage",
 ]

@@ -17,7 +17,7 @@ import grpc
 from . import convert
 from .pb.tokenloom.v1 import generation_pb2 as pb
 from .pb.tokenloom.v1.generation_pb2_grpc import GenerationStub
-from .types import ChatMessage, GenerationResult, ModelInfo, StreamChunk
+from .types import ChatMessage, GenerationResult, ModelInfo, ScoreResult, StreamChunk
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -36,10 +36,15 @@ class Client:
     """Blocking client over one gRPC channel. Use as a context manager or call close().
 
     generate/stream take exactly one of `prompt` (raw text), `messages` (chat, rendered
-    with the model's template) or `input_ids`, plus HF-named generation parameters
-    (max_new_tokens, max_length, do_sample, temperature, top_k, top_p, seed,
-    stop_strings). A parameter left None is unset, so the server's default applies;
-    an unknown name raises TypeError before any RPC. Failed RPCs raise grpc.RpcError.
+    with the model's template) or `input_ids`, plus the HF-named generation parameters
+    of the proto's GenerationParameters (max_new_tokens, do_sample, temperature, ...,
+    num_beams, length_penalty, early_stopping (False, True or "never"),
+    num_return_sequences, repetition_penalty, stop_token_ids, top_n, ...). A parameter
+    left None is unset, so the server's default applies; an unknown name or a bad
+    value raises TypeError / ValueError before any RPC. Failed RPCs raise grpc.RpcError.
+
+    score takes exactly one of `prompt` / `prompt_ids` and one of `continuation` /
+    `continuation_ids`, and returns the continuation's per-token and total log-probs.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
@@ -71,6 +76,14 @@ class Client:
             # Leaving the loop early must reach the server as a cancellation; otherwise
             # the request keeps its engine rows until it finishes. A no-op once done.
             call.cancel()
+
+    def score(self, prompt: str | None = None, continuation: str | None = None, *,
+              prompt_ids: Iterable[int] | None = None,
+              continuation_ids: Iterable[int] | None = None,
+              request_id: str = "") -> ScoreResult:
+        request = convert.build_score_request(prompt, continuation, prompt_ids,
+                                              continuation_ids, request_id)
+        return convert.to_score_result(self._stub.Score(request, **self._options))
 
     def model_info(self) -> ModelInfo:
         return convert.to_model_info(
@@ -120,6 +133,14 @@ class AsyncClient:
                 yield convert.to_chunk(response)
         finally:
             call.cancel()  # as in Client._stream: an abandoned stream frees its rows
+
+    async def score(self, prompt: str | None = None, continuation: str | None = None, *,
+                    prompt_ids: Iterable[int] | None = None,
+                    continuation_ids: Iterable[int] | None = None,
+                    request_id: str = "") -> ScoreResult:
+        request = convert.build_score_request(prompt, continuation, prompt_ids,
+                                              continuation_ids, request_id)
+        return convert.to_score_result(await self._stub.Score(request, **self._options))
 
     async def model_info(self) -> ModelInfo:
         return convert.to_model_info(

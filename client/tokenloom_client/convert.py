@@ -10,10 +10,20 @@ from collections.abc import Iterable, Mapping, MutableSequence
 from typing import Any
 
 from .pb.tokenloom.v1 import generation_pb2 as pb
-from .types import ChatMessage, GenerationResult, Limits, ModelInfo, StreamChunk, Usage
+from .types import (
+    ChatMessage,
+    GenerationResult,
+    Hypothesis,
+    Limits,
+    ModelInfo,
+    ScoreResult,
+    StreamChunk,
+    TopToken,
+    Usage,
+)
 
 # Read from the contract rather than listed by hand, so fields added to the proto
-# (beam search keeps numbers 20-39) are accepted without touching the SDK.
+# are accepted without touching the SDK.
 PARAMETER_NAMES = tuple(pb.GenerationParameters.DESCRIPTOR.fields_by_name)
 _FINISH_PREFIX = "FINISH_REASON_"
 
@@ -50,13 +60,56 @@ def build_parameters(params: Mapping[str, Any]) -> pb.GenerationParameters:
                             f"expected one of: {', '.join(PARAMETER_NAMES)}")
         if value is None:
             continue
+        if name == "early_stopping":
+            value = early_stopping(value)
         field = getattr(message, name)
-        if isinstance(field, MutableSequence):
-            # A bare string would otherwise be split into one stop string per character.
-            field.extend([value] if isinstance(value, str) else value)
-        else:
-            setattr(message, name, value)
+        try:
+            if isinstance(field, MutableSequence):
+                # A bare string would otherwise be split into one stop string per character.
+                field.extend([value] if isinstance(value, str) else value)
+            else:
+                setattr(message, name, value)
+        except (TypeError, ValueError) as exc:  # protobuf's own message does not name the field
+            raise type(exc)(f"generation parameter {name}={value!r}: {exc}") from exc
     return message
+
+
+def early_stopping(value: bool | str) -> int:
+    """HF's early_stopping (False, True or "never") -> the EarlyStopping enum."""
+    # `is`, not ==: 0 and 1 equal the bools but are not HF values.
+    if value is False:
+        return pb.EARLY_STOPPING_FALSE
+    if value is True:
+        return pb.EARLY_STOPPING_TRUE
+    if value == "never":
+        return pb.EARLY_STOPPING_NEVER
+    raise ValueError(f"early_stopping must be False, True or \"never\", not {value!r}")
+
+
+def build_score_request(
+    prompt: str | None,
+    continuation: str | None,
+    prompt_ids: Iterable[int] | None,
+    continuation_ids: Iterable[int] | None,
+    request_id: str,
+) -> pb.ScoreRequest:
+    """Checks the arguments before any RPC: exactly one prompt and one continuation."""
+    for text_name, text, ids_name, ids in (("prompt", prompt, "prompt_ids", prompt_ids),
+                                           ("continuation", continuation,
+                                            "continuation_ids", continuation_ids)):
+        if (text is None) == (ids is None):
+            got = "both" if text is not None else "neither"
+            raise TypeError(f"pass exactly one of {text_name}, {ids_name} (got {got})")
+    request = pb.ScoreRequest(request_id=request_id)
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.prompt_ids.extend(prompt_ids)
+    if continuation is not None:
+        request.continuation = continuation
+    else:
+        request.continuation_ids.extend(continuation_ids)
+    return request
 
 
 def _chat_message(message: ChatMessage | Mapping[str, str]) -> pb.ChatMessage:
@@ -79,6 +132,16 @@ def _usage(message: pb.Usage) -> Usage:
     return Usage(prompt_tokens=message.prompt_tokens, generated_tokens=message.generated_tokens)
 
 
+def _top_tokens(positions: Iterable[pb.TopTokens]) -> list[list[TopToken]]:
+    return [[TopToken(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in p.alternatives]
+            for p in positions]
+
+
+def _hypotheses(hypotheses: Iterable[pb.Hypothesis]) -> list[Hypothesis]:
+    return [Hypothesis(token_ids=list(h.token_ids), text=h.text, score=h.score,
+                       finish_reason=finish_reason(h.finish_reason)) for h in hypotheses]
+
+
 def to_chunk(response: pb.GenerateResponse) -> StreamChunk:
     return StreamChunk(
         request_id=response.request_id,
@@ -88,6 +151,10 @@ def to_chunk(response: pb.GenerateResponse) -> StreamChunk:
         finish_reason=finish_reason(response.finish_reason),
         usage=_usage(response.usage) if response.HasField("usage") else None,
         error_message=response.error_message,
+        index=response.index,
+        top_tokens=_top_tokens(response.top_tokens),
+        provisional=response.provisional,
+        hypotheses=_hypotheses(response.hypotheses),
     )
 
 
@@ -101,6 +168,18 @@ def to_result(result: pb.GenerateResult) -> GenerationResult:
         finish_reason=finish_reason(result.finish_reason) or "",
         usage=_usage(result.usage),
         error_message=result.error_message,
+        top_tokens=_top_tokens(result.top_tokens),
+        hypotheses=_hypotheses(result.hypotheses),
+    )
+
+
+def to_score_result(response: pb.ScoreResponse) -> ScoreResult:
+    return ScoreResult(
+        request_id=response.request_id,
+        prompt_ids=list(response.prompt_ids),
+        continuation_ids=list(response.continuation_ids),
+        logprobs=list(response.logprobs),
+        total_logprob=response.total_logprob,
     )
 
 
@@ -123,6 +202,9 @@ def to_model_info(response: pb.ModelInfoResponse) -> ModelInfo:
             max_input_tokens=limits.max_input_tokens,
             max_num_seqs=limits.max_num_seqs,
             kv_cache_tokens=limits.kv_cache_tokens,
+            max_num_beams=limits.max_num_beams,
+            max_num_return_sequences=limits.max_num_return_sequences,
+            max_top_n=limits.max_top_n,
         ),
     )
 

@@ -6,7 +6,8 @@ Finish reasons are lowercase strings ("eos", "length", "stop_string", "cancelled
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -22,20 +23,56 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopToken:
+    """One of the `top_n` most likely tokens at a generated position."""
+
+    token_id: int
+    text: str  # the token decoded alone
+    logprob: float  # under the model's raw distribution (before penalties and sampling filters)
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One returned sequence of a request that returns several (beams or n samples)."""
+
+    token_ids: list[int]
+    text: str
+    # Beams: HF's sequences_scores (length-penalised sum of log-probs).
+    # Samples: the sum of the tokens' log-probs.
+    score: float
+    finish_reason: str | None  # None in a provisional (still running) beam
+
+
+@dataclass(frozen=True)
 class StreamChunk:
-    """One message of a stream: the tokens and text produced since the previous one."""
+    """One message of a stream: the tokens and text produced since the previous one.
+
+    With `num_return_sequences` samples, `index` says which sample the chunk extends.
+    Beam search streams no text: each chunk carries the best hypothesis so far
+    (`provisional`), and the last one the n best, `hypotheses[0]` also as token_ids/text.
+    """
 
     request_id: str
     token_ids: list[int]
     logprobs: list[float]  # one per token, before temperature / top-k / top-p
-    text: str  # a delta; the deltas of a stream concatenate to the full text
+    text: str  # a delta; the deltas of a stream (of one index) concatenate to the full text
     finish_reason: str | None  # set on the last chunk only
     usage: Usage | None  # set on the last chunk only
     error_message: str = ""  # set when finish_reason == "error"
+    index: int = 0
+    top_tokens: list[list[TopToken]] = field(default_factory=list)  # one list per token, top_n > 0
+    provisional: bool = False
+    hypotheses: list[Hypothesis] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class GenerationResult:
+    """The whole reply. With several sequences, token_ids/text are the first (best) one."""
+
     request_id: str
     token_ids: list[int]
     logprobs: list[float]
@@ -43,6 +80,17 @@ class GenerationResult:
     finish_reason: str
     usage: Usage
     error_message: str = ""  # set when finish_reason == "error"
+    top_tokens: list[list[TopToken]] = field(default_factory=list)  # one list per token, top_n > 0
+    hypotheses: list[Hypothesis] = field(default_factory=list)  # num_return_sequences of them
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    request_id: str
+    prompt_ids: list[int]
+    continuation_ids: list[int]
+    logprobs: list[float]  # log p(continuation_ids[i] | prompt, continuation_ids[:i])
+    total_logprob: float
 
 
 @dataclass(frozen=True)
@@ -54,6 +102,9 @@ class Limits:
     max_input_tokens: int
     max_num_seqs: int
     kv_cache_tokens: int
+    max_num_beams: int
+    max_num_return_sequences: int
+    max_top_n: int
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,13 @@ Where this departs from HF's tensors, and why the results are the same:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-# HF's "never choose this" penalty, added (not assigned) so that stacked penalties still rank.
+_T = TypeVar("_T")
+
+# HF's "never choose this" penalty. It is added, not assigned, so penalised entries still rank by score.
 _PENALTY = -1.0e9
 
 
@@ -100,7 +104,7 @@ class _Slot:
     finished: bool
 
 
-def _top(items: list, key, k: int) -> list:
+def _top(items: list[_T], key: Callable[[_T], float], k: int) -> list[_T]:
     """The k items with the highest key, best first; ties keep input order (lower index first)."""
     return sorted(items, key=lambda item: -key(item))[:k]
 
@@ -112,8 +116,6 @@ class BeamSearch:
         self.params = params
         self._running: list[Beam] = [Beam((), 0.0)]
         self._slots: list[_Slot] = [_Slot((), _PENALTY, False)] * params.num_beams
-        # HF's is_early_stop_heuristic_unsatisfied: once False it stays False.
-        self._improvable = True
         self._done = False
 
     @property
@@ -150,9 +152,10 @@ class BeamSearch:
         self._running = [Beam(c.token_ids, c.live_score) for c in chosen]
         new_len = self.num_generated
         self._update_finished(top, new_len)
-        self._improvable = self._improvable and self._improvement_possible(new_len)
+        # HF's _beam_search_has_unfinished_sequences. Its early-stop flag is sticky across steps, but with one
+        # request the loop ends the first time it clears, so it needs no state here.
         all_full = all(s.finished for s in self._slots) and p.early_stopping is True
-        self._done = not self._improvable or all_full or all(c.stopped for c in top)
+        self._done = not self._improvement_possible(new_len) or all_full or all(c.stopped for c in top)
         return BeamStep(parents=tuple(c.parent for c in chosen), tokens=tuple(c.token_ids[-1] for c in chosen),
                         done=self._done)
 
@@ -215,13 +218,14 @@ class BeamSearch:
     def _update_finished(self, top: list[_Candidate], new_len: int) -> None:
         p = self.params
         divisor = new_len ** p.length_penalty
-        # Early-stopping=True: no slot changes once all are finished. Heuristic: nothing can improve.
-        closed = (all(s.finished for s in self._slots) and p.early_stopping is True) + (not self._improvable)
+        # HF also adds -1e9 when a row's slots are all finished under early_stopping=True, or when its early-stop
+        # heuristic has given up. Either ends HF's loop for a one-request batch before the next step, and `step`
+        # refuses to run once done, so neither can apply here.
         fresh = []
         for rank, c in enumerate(top):
             # Only the top num_beams candidates may finish; the rest exist so num_beams stay live.
             just_finished = c.stopped and rank < p.num_beams
-            score = c.score / divisor + _PENALTY * closed + (0.0 if just_finished else _PENALTY)
+            score = c.score / divisor + (0.0 if just_finished else _PENALTY)
             fresh.append(_Slot(c.token_ids, score, just_finished))
         self._slots = _top(self._slots + fresh, lambda s: s.score, p.num_beams)
 

@@ -61,7 +61,7 @@ async def run_closed_loop(address: str, prompts: list[str], concurrency: int, ne
             "ttft_p50_ms": 1e3 * statistics.median(ttft), "itl_p50_ms": 1e3 * statistics.median(itl) if itl else None}
 
 
-def hf_sequential(model_dir: Path, prompts: list[str], new_tokens: int) -> dict:
+def hf_sequential(model_dir: Path, prompts: list[str], new_tokens: int, num_beams: int = 1) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,10 +72,22 @@ def hf_sequential(model_dir: Path, prompts: list[str], new_tokens: int) -> dict:
     for prompt in prompts:
         ids = tok(prompt, return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=tok.eos_token_id)
+            out = model.generate(**ids, do_sample=False, max_new_tokens=new_tokens, num_beams=num_beams,
+                                 pad_token_id=tok.eos_token_id)
         generated += out.shape[1] - ids["input_ids"].shape[1]
     wall = time.perf_counter() - t0
-    return {"tokens": generated, "seconds": wall, "tok_per_s": generated / wall}
+    return {"tokens": generated, "seconds": wall, "tok_per_s": generated / wall, "req_per_s": len(prompts) / wall}
+
+
+async def run_beams(address: str, prompts: list[str], new_tokens: int, num_beams: int) -> dict:
+    """Every beam request at once; generated tokens counted on the best hypothesis."""
+    async with AsyncClient(address) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(client.generate(prompt=p, max_new_tokens=new_tokens, num_beams=num_beams)
+                                         for p in prompts))
+        wall = time.perf_counter() - t0
+    tokens = sum(len(r.token_ids) for r in results)
+    return {"tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall, "req_per_s": len(prompts) / wall}
 
 
 def main() -> int:
@@ -85,6 +97,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least the level)")
     p.add_argument("--baseline-requests", type=int, default=6, help="requests for the slow sequential baseline")
+    p.add_argument("--beam-requests", type=int, default=8, help="concurrent beam-4 requests (0 skips)")
+    p.add_argument("--beam-baseline-requests", type=int, default=2)
     p.add_argument("--out", default=".bench/throughput.json")
     args = p.parse_args()
 
@@ -103,14 +117,27 @@ def main() -> int:
             print(f"tokenloom, {c} concurrent streams ({n} requests)...", flush=True)
             results["systems"][f"tokenloom_c{c}"] = asyncio.run(
                 run_closed_loop(server.address, workload(n), c, args.new_tokens))
+        if args.beam_requests:
+            n = args.beam_requests
+            print(f"tokenloom, {n} concurrent beam-4 requests...", flush=True)
+            results["beams"] = {"tokenloom": asyncio.run(run_beams(server.address, workload(n), args.new_tokens, 4))}
     finally:
         server.stop()
+    if args.beam_requests:
+        print(f"HF generate(num_beams=4), one request at a time ({args.beam_baseline_requests} requests)...", flush=True)
+        results["beams"]["hf_sequential"] = hf_sequential(
+            model_dir, workload(args.beam_baseline_requests), args.new_tokens, num_beams=4)
     base = results["systems"]["hf_sequential"]["tok_per_s"]
     print(f"\n{'system':<20}{'tok/s':>10}{'x HF seq':>10}{'TTFT p50':>12}{'ITL p50':>10}")
     for name, r in results["systems"].items():
         ttft = f"{r['ttft_p50_ms']:.0f} ms" if "ttft_p50_ms" in r else "-"
         itl = f"{r['itl_p50_ms']:.0f} ms" if r.get("itl_p50_ms") else "-"
         print(f"{name:<20}{r['tok_per_s']:>10.1f}{r['tok_per_s'] / base:>10.2f}{ttft:>12}{itl:>10}")
+    if args.beam_requests:
+        b = results["beams"]
+        ratio = b["tokenloom"]["req_per_s"] / b["hf_sequential"]["req_per_s"]
+        print(f"\nbeam-4: tokenloom {b['tokenloom']['req_per_s']:.3f} req/s ({args.beam_requests} concurrent), "
+              f"HF sequential {b['hf_sequential']['req_per_s']:.3f} req/s: {ratio:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

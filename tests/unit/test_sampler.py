@@ -1,20 +1,33 @@
-"""Logits -> tokens: greedy, HF's temperature/top-k/top-p semantics, and seeded draws that ignore the batch.
+"""Logits -> tokens: greedy, HF's temperature/top-k/top-p semantics, seeded draws that ignore the batch,
+n draws from one row, top-N alternatives, beam candidates and scoring log-probabilities.
 
-HF's own logits warpers are the reference for which tokens may be drawn and with what probability.
+HF's own logits warpers and processors are the reference for which tokens may be drawn and with what
+probability; log-probabilities reported to the user are always the model's own (log_softmax of the
+logits), whatever temperature or penalty shaped the draw.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from tokenloom.logits_processors import RowContext
 from tokenloom.request import SamplingParams
-from tokenloom.sampler import RowRandom, Sampler
+from tokenloom.sampler import RowRandom, SampleRow, Sampler
 
 VOCAB = 97
+
+# A row with a history but no processor that reads it: what every test not about penalties uses.
+NEUTRAL = RowContext(token_ids=(3, 1, 4, 1, 5), prompt_len=3)
 
 
 def greedy() -> SamplingParams:
@@ -24,6 +37,14 @@ def greedy() -> SamplingParams:
 def sampling(temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None):
     return SamplingParams(max_new_tokens=1, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed)
+
+
+def draw(sampler: Sampler, logits: torch.Tensor, params: list[SamplingParams], randoms: list[RowRandom | None]):
+    """One draw per row, each row with its own random (None: greedy): (token ids, log-probs)."""
+    results = sampler(logits, [SampleRow(p, NEUTRAL, [r]) for p, r in zip(params, randoms)])
+    assert len(results) == len(params)
+    assert all(len(r.token_ids) == len(r.logprobs) == 1 and r.candidates == [] for r in results)
+    return [r.token_ids[0] for r in results], [r.logprobs[0] for r in results]
 
 
 def hf_warped(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -60,10 +81,10 @@ def nucleus_is_clear_cut(logits: torch.Tensor, p: SamplingParams, margin: float 
 def test_greedy_rows_take_the_argmax_with_its_log_probability():
     torch.manual_seed(0)
     logits = torch.randn(16, VOCAB) * 3
-    out = Sampler()(logits, [greedy()] * 16, [None] * 16)
-    assert out.token_ids == logits.argmax(-1).tolist()
+    tokens, logprobs = draw(Sampler(), logits, [greedy()] * 16, [None] * 16)
+    assert tokens == logits.argmax(-1).tolist()
     expected = torch.log_softmax(logits, -1).gather(1, logits.argmax(-1)[:, None])[:, 0]
-    torch.testing.assert_close(torch.tensor(out.logprobs), expected)
+    torch.testing.assert_close(torch.tensor(logprobs), expected)
 
 
 def test_greedy_ignores_temperature_top_k_and_top_p():
@@ -72,8 +93,8 @@ def test_greedy_ignores_temperature_top_k_and_top_p():
     params = [SamplingParams(max_new_tokens=1, temperature=0.0),
               SamplingParams(max_new_tokens=1, temperature=5.0, top_k=3, top_p=0.1),
               SamplingParams(max_new_tokens=1, top_k=0)]
-    out = Sampler()(logits, params, [None, RowRandom(1), None])
-    assert out.token_ids == logits.argmax(-1).tolist()
+    tokens, _ = draw(Sampler(), logits, params, [None, RowRandom(1), None])
+    assert tokens == logits.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
@@ -82,23 +103,38 @@ def test_sampling_with_top_k_one_is_greedy(temperature):
     logits = torch.randn(32, VOCAB)
     params = [sampling(temperature=temperature, top_k=1)] * 32
     for step in range(5):
-        out = Sampler()(logits, params, [RowRandom(1000 * step + i) for i in range(32)])
-        assert out.token_ids == logits.argmax(-1).tolist()
+        tokens, _ = draw(Sampler(), logits, params, [RowRandom(1000 * step + i) for i in range(32)])
+        assert tokens == logits.argmax(-1).tolist()
 
 
 def test_sampling_with_a_tiny_top_p_is_greedy():
     torch.manual_seed(3)
     logits = torch.randn(32, VOCAB)
-    out = Sampler()(logits, [sampling(top_p=1e-6, top_k=0)] * 32, [RowRandom(i) for i in range(32)])
-    assert out.token_ids == logits.argmax(-1).tolist()
+    tokens, _ = draw(Sampler(), logits, [sampling(top_p=1e-6, top_k=0)] * 32, [RowRandom(i) for i in range(32)])
+    assert tokens == logits.argmax(-1).tolist()
 
 
 def test_sampled_logprobs_are_under_the_model_distribution():
     torch.manual_seed(4)
     logits = torch.randn(8, VOCAB)
-    out = Sampler()(logits, [sampling(temperature=0.5, top_k=10, top_p=0.8)] * 8, [RowRandom(i) for i in range(8)])
-    expected = torch.log_softmax(logits, -1)[torch.arange(8), torch.tensor(out.token_ids)]
-    torch.testing.assert_close(torch.tensor(out.logprobs), expected)
+    tokens, logprobs = draw(Sampler(), logits, [sampling(temperature=0.5, top_k=10, top_p=0.8)] * 8,
+                            [RowRandom(i) for i in range(8)])
+    expected = torch.log_softmax(logits, -1)[torch.arange(8), torch.tensor(tokens)]
+    torch.testing.assert_close(torch.tensor(logprobs), expected)
+
+
+def test_a_penalised_draw_reports_the_raw_model_log_probability():
+    # The penalty pushes the argmax down so another token wins; its log-prob is still the model's.
+    torch.manual_seed(12)
+    logits = torch.randn(2, VOCAB) * 2
+    top = logits.argmax(-1).tolist()
+    context = RowContext(token_ids=(top[0], top[1]), prompt_len=2, repetition_penalty=100.0)
+    results = Sampler()(logits, [SampleRow(greedy(), context, [None]), SampleRow(greedy(), context, [None])])
+    raw = torch.log_softmax(logits, -1)
+    for i, result in enumerate(results):
+        [token] = result.token_ids
+        assert token != top[i], "the penalty applies to the draw"
+        assert result.logprobs == pytest.approx([raw[i, token].item()], abs=1e-6)
 
 
 # Only tokens HF would keep
@@ -132,8 +168,8 @@ def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets():
     randoms = [RowRandom(i) for i in range(len(rows))]
     drawn = [set() for _ in rows]
     for _ in range(60):
-        out = sampler(logits, params, randoms)
-        for i, token in enumerate(out.token_ids):
+        tokens, _ = draw(sampler, logits, params, randoms)
+        for i, token in enumerate(tokens):
             assert token in kept[i], f"row {i} ({params[i]}) drew {token}, which HF filters out"
             drawn[i].add(token)
     # The filter is not so tight that sampling collapses to greedy.
@@ -156,8 +192,8 @@ def test_draws_follow_the_hf_distribution(params):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.4, 0.0, -0.3, -1.0, -2.5])
     expected = torch.softmax(hf_warped(logits, params).double(), -1)
     n = 20_000
-    out = Sampler()(logits.expand(n, -1).contiguous(), [params] * n, [RowRandom(10_000 + i) for i in range(n)])
-    counts = torch.bincount(torch.tensor(out.token_ids), minlength=len(logits)).double()
+    tokens, _ = draw(Sampler(), logits.expand(n, -1).contiguous(), [params] * n, [RowRandom(10_000 + i) for i in range(n)])
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(logits)).double()
     assert (counts[expected == 0] == 0).all(), "a token HF filters out was drawn"
     support = expected > 0
     exp_counts = expected[support] * n
@@ -180,7 +216,7 @@ def test_one_seeded_stream_follows_the_distribution_over_steps():
     n = 4000
     counts = torch.zeros(4, dtype=torch.float64)
     for _ in range(n):
-        counts[sampler(logits, [params], [rng]).token_ids[0]] += 1
+        counts[draw(sampler, logits, [params], [rng])[0][0]] += 1
     sd = (n * expected * (1 - expected)).sqrt()
     assert ((counts - n * expected).abs() <= 5 * sd).all(), counts.tolist()
 
@@ -189,9 +225,10 @@ def test_one_seeded_stream_follows_the_distribution_over_steps():
 
 
 def _run_steps(step_logits: list[torch.Tensor], params: list[SamplingParams], seeds: list[int | None]):
+    """(token ids, log-probs) per step, each row drawing once per step from its own stream."""
     sampler = Sampler()
     randoms = [RowRandom(s) if p.do_sample else None for p, s in zip(params, seeds)]
-    return [sampler(logits, params, randoms) for logits in step_logits]
+    return [draw(sampler, logits, params, randoms) for logits in step_logits]
 
 
 def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
@@ -201,7 +238,7 @@ def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
     target_logits = [torch.randn(vocab, generator=gen) * 2 for _ in range(40)]
 
     alone = _run_steps([row[None] for row in target_logits], [target], [1234])
-    alone_tokens = [o.token_ids[0] for o in alone]
+    alone_tokens = [tokens[0] for tokens, _ in alone]
     assert len(set(alone_tokens)) > 1
 
     companions = [
@@ -221,9 +258,10 @@ def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
             others = torch.randn(len(companions), vocab, generator=gen) * 2
             steps.append(torch.cat([others[:position], row[None], others[position:]]))
         batched = _run_steps(steps, params, seeds)
-        assert [o.token_ids[position] for o in batched] == alone_tokens, f"target at row {position}"
+        assert [tokens[position] for tokens, _ in batched] == alone_tokens, f"target at row {position}"
         torch.testing.assert_close(
-            torch.tensor([o.logprobs[position] for o in batched]), torch.tensor([o.logprobs[0] for o in alone])
+            torch.tensor([logprobs[position] for _, logprobs in batched]),
+            torch.tensor([logprobs[0] for _, logprobs in alone]),
         )
 
 
@@ -236,10 +274,10 @@ def test_a_seeded_row_with_tied_logits_draws_the_same_tokens_whatever_top_k_its_
     neighbour = sampling(temperature=1.0, top_k=companion_top_k, top_p=1.0)
     steps = [(torch.randn(1, vocab, generator=gen) * 3 + 10).to(torch.bfloat16).float() for _ in range(40)]
     assert any(len(set(row[0].topk(50).values.tolist())) < 50 for row in steps), "the logits have ties"
-    alone = [o.token_ids[0] for o in _run_steps(steps, [target], [2024])]
+    alone = [tokens[0] for tokens, _ in _run_steps(steps, [target], [2024])]
     batched = _run_steps([torch.cat([row, torch.randn(1, vocab, generator=gen)]) for row in steps],
                          [target, neighbour], [2024, 7])
-    assert [o.token_ids[0] for o in batched] == alone
+    assert [tokens[0] for tokens, _ in batched] == alone
 
 
 def test_a_seeded_row_is_unaffected_by_greedy_rows_around_it():
@@ -247,9 +285,9 @@ def test_a_seeded_row_is_unaffected_by_greedy_rows_around_it():
     gen = torch.Generator().manual_seed(7)
     target = sampling(temperature=1.0, top_k=0, seed=99)
     logits = [torch.randn(1, 50, generator=gen) for _ in range(30)]
-    alone = [o.token_ids[0] for o in _run_steps(logits, [target], [99])]
+    alone = [tokens[0] for tokens, _ in _run_steps(logits, [target], [99])]
     padded = [torch.cat([torch.randn(2, 50, generator=gen), row]) for row in logits]
-    mixed = [o.token_ids[2] for o in _run_steps(padded, [greedy(), greedy(), target], [None, None, 99])]
+    mixed = [tokens[2] for tokens, _ in _run_steps(padded, [greedy(), greedy(), target], [None, None, 99])]
     assert mixed == alone
 
 
@@ -257,10 +295,10 @@ def test_a_seeded_row_is_unaffected_by_a_greedy_row_that_carries_a_generator():
     gen = torch.Generator().manual_seed(9)
     target = sampling(temperature=1.0, top_k=0, seed=42)
     logits = [torch.randn(1, 50, generator=gen) for _ in range(30)]
-    alone = [o.token_ids[0] for o in _run_steps(logits, [target], [42])]
+    alone = [tokens[0] for tokens, _ in _run_steps(logits, [target], [42])]
     sampler = Sampler()
     randoms = [RowRandom(1), RowRandom(42)]  # the greedy row's generator must stay unused
-    mixed = [sampler(torch.cat([torch.randn(1, 50, generator=gen), row]), [greedy(), target], randoms).token_ids[1]
+    mixed = [draw(sampler, torch.cat([torch.randn(1, 50, generator=gen), row]), [greedy(), target], randoms)[0][1]
              for row in logits]
     assert mixed == alone
 
@@ -269,9 +307,9 @@ def test_the_same_seed_repeats_and_a_different_seed_differs():
     gen = torch.Generator().manual_seed(8)
     logits = [torch.randn(1, 200, generator=gen) for _ in range(30)]
     p = sampling(temperature=1.5, top_k=0)
-    first = [o.token_ids[0] for o in _run_steps(logits, [p], [5])]
-    again = [o.token_ids[0] for o in _run_steps(logits, [p], [5])]
-    other = [o.token_ids[0] for o in _run_steps(logits, [p], [6])]
+    first = [tokens[0] for tokens, _ in _run_steps(logits, [p], [5])]
+    again = [tokens[0] for tokens, _ in _run_steps(logits, [p], [5])]
+    other = [tokens[0] for tokens, _ in _run_steps(logits, [p], [6])]
     assert first == again
     assert first != other
 
@@ -288,10 +326,140 @@ def test_rows_with_different_parameters_in_one_call_each_use_their_own():
     seen: list[set[int]] = [set() for _ in params]
     sampler = Sampler()
     for _ in range(400):
-        out = sampler(logits, params, randoms)
-        for i, token in enumerate(out.token_ids):
+        tokens, _ = draw(sampler, logits, params, randoms)
+        for i, token in enumerate(tokens):
             seen[i].add(token)
     assert seen[0] == {0}
     assert seen[1] == {0, 1}
     assert seen[2] == set(range(6))
     assert seen[3] == {0}
+
+
+# n draws from one row (num_return_sequences)
+
+
+def test_each_of_n_draws_from_one_row_equals_that_random_drawing_alone():
+    # The prompt's row draws its n samples' first tokens at once; each must be what its own stream
+    # would draw in a row of its own, wherever the row sits in the batch, step after step.
+    gen = torch.Generator().manual_seed(13)
+    vocab = 300
+    p = sampling(temperature=1.2, top_k=60, top_p=0.95)
+    seeds = [31, 32, 33]
+    target_logits = [torch.randn(vocab, generator=gen) * 2 for _ in range(25)]
+    alone = [[tokens[0] for tokens, _ in _run_steps([row[None] for row in target_logits], [p], [s])] for s in seeds]
+    assert len({tuple(a) for a in alone}) == 3, "the three streams differ"
+
+    companions = [greedy(), sampling(temperature=0.7, top_k=0, seed=5), sampling(temperature=1.0, top_k=3, seed=6)]
+    for position in (0, 2, len(companions)):
+        sampler = Sampler()
+        streams = [RowRandom(s) for s in seeds]
+        companion_randoms = [None, RowRandom(5), RowRandom(6)]
+        draws: list[list[int]] = [[] for _ in seeds]
+        for row in target_logits:
+            others = torch.randn(len(companions), vocab, generator=gen) * 2
+            logits = torch.cat([others[:position], row[None], others[position:]])
+            rows = [SampleRow(c, NEUTRAL, [r]) for c, r in zip(companions, companion_randoms)]
+            rows.insert(position, SampleRow(p, NEUTRAL, list(streams)))
+            results = sampler(logits, rows)
+            target = results[position]
+            assert len(target.token_ids) == len(target.logprobs) == 3
+            raw = torch.log_softmax(row, -1)
+            assert target.logprobs == pytest.approx([raw[t].item() for t in target.token_ids], abs=1e-6)
+            assert all(len(r.token_ids) == 1 for i, r in enumerate(results) if i != position)
+            for d, token in zip(draws, target.token_ids):
+                d.append(token)
+        assert draws == alone, f"n-sample row at position {position}"
+
+
+# Top-N alternatives
+
+
+def test_top_n_lists_the_model_probabilities_best_first():
+    torch.manual_seed(11)
+    logits = torch.randn(7, VOCAB) * 3
+    penalised = RowContext(token_ids=tuple(logits[4].topk(3).indices.tolist()), prompt_len=0, repetition_penalty=5.0)
+    rows = [
+        SampleRow(greedy(), NEUTRAL, [None]),  # top_n 0: none
+        SampleRow(replace(greedy(), top_n=1), NEUTRAL, [None]),
+        SampleRow(replace(sampling(temperature=0.3, top_k=3), top_n=5), NEUTRAL, [RowRandom(1)]),
+        SampleRow(replace(greedy(), top_n=20), NEUTRAL, [None]),
+        SampleRow(replace(greedy(), top_n=5), penalised, [None]),  # penalties shape the draw, not the list
+        SampleRow(replace(greedy(), top_n=4), NEUTRAL, [], beam_candidates=2),
+        SampleRow(replace(sampling(), top_n=3), NEUTRAL, [RowRandom(2), RowRandom(3), RowRandom(4)]),
+    ]
+    results = Sampler()(logits, rows)
+    probs = torch.softmax(logits, -1)
+    assert results[0].top_tokens == []
+    for row, result, p in zip(rows[1:], results[1:], probs[1:]):
+        n = row.params.top_n
+        expected = p.topk(n)
+        assert [t for t, _ in result.top_tokens] == expected.indices.tolist()
+        got = torch.tensor([lp for _, lp in result.top_tokens]).exp()
+        torch.testing.assert_close(got, expected.values, atol=1e-6, rtol=0)
+        logprobs = [lp for _, lp in result.top_tokens]
+        assert logprobs == sorted(logprobs, reverse=True), "best first"
+    assert results[4].token_ids[0] not in logits[4].topk(3).indices.tolist(), "the penalty did shape the draw"
+
+
+# Beam candidates
+
+
+def test_beam_candidates_are_the_top_log_probabilities_of_each_row():
+    torch.manual_seed(14)
+    logits = torch.randn(4, VOCAB) * 2
+    ks = [2, 4, 0, 7]  # row 2 is a plain greedy row between beam rows
+    rows = [SampleRow(greedy(), NEUTRAL, [] if k else [None], beam_candidates=k) for k in ks]
+    results = Sampler()(logits, rows)
+    log_probs = torch.log_softmax(logits, -1)
+    for i, (k, result) in enumerate(zip(ks, results)):
+        if not k:
+            assert result.candidates == [] and result.token_ids == [logits[i].argmax().item()]
+            continue
+        assert result.token_ids == [] and result.logprobs == [], "a beam row draws nothing itself"
+        expected = log_probs[i].topk(k)
+        assert [t for t, _ in result.candidates] == expected.indices.tolist()
+        torch.testing.assert_close(torch.tensor([s for _, s in result.candidates]), expected.values,
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("penalty", [1.6, 0.6])
+def test_beam_candidates_reflect_the_repetition_penalty_as_hf_beam_search_applies_it(penalty):
+    # HF's beam search runs its processors on log_softmax scores, so the penalty multiplies (never
+    # divides) them. The history holds each row's top tokens (1.6 pushes them down) or middling ones
+    # (0.6 pulls them up), so the candidates differ from the neutral ones. Row 1 is a neutral beam row.
+    torch.manual_seed(15)
+    logits = torch.randn(4, VOCAB) * 2
+    k = 6
+    order = logits.argsort(-1, descending=True)
+    contexts = {
+        i: RowContext(token_ids=tuple((order[i, :4] if penalty > 1 else order[i, 10:14]).tolist()) + (0,),
+                      prompt_len=2, repetition_penalty=penalty)
+        for i in (0, 2, 3)
+    }
+    rows = [SampleRow(greedy(), contexts.get(i, NEUTRAL), [], beam_candidates=k) for i in range(4)]
+    results = Sampler()(logits, rows)
+    log_probs = torch.log_softmax(logits, -1)
+    for i, context in contexts.items():
+        input_ids = torch.tensor([list(context.token_ids)])
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, log_probs[i][None].clone())[0].topk(k)
+        assert [t for t, _ in results[i].candidates] == expected.indices.tolist()
+        torch.testing.assert_close(torch.tensor([s for _, s in results[i].candidates]), expected.values,
+                                   atol=1e-6, rtol=0)
+        assert expected.indices.tolist() != log_probs[i].topk(k).indices.tolist(), "the penalty matters here"
+    neutral = log_probs[1].topk(k)
+    assert [t for t, _ in results[1].candidates] == neutral.indices.tolist(), "a neighbour's penalty leaked"
+    torch.testing.assert_close(torch.tensor([s for _, s in results[1].candidates]), neutral.values,
+                               atol=1e-6, rtol=0)
+
+
+# Scoring
+
+
+def test_label_logprobs_are_the_model_log_probabilities_of_the_labels():
+    torch.manual_seed(16)
+    logits = torch.randn(6, VOCAB) * 4
+    labels = [0, VOCAB - 1, 5, 5, 42, int(logits[5].argmin())]
+    got = Sampler.label_logprobs(logits, labels)
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(labels)[:, None])[:, 0]
+    assert len(got) == len(labels)
+    torch.testing.assert_close(torch.tensor(got), expected, atol=1e-6, rtol=0)
