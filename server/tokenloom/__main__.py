@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    help="used when a request sets neither max_new_tokens nor max_length")
     g.add_argument("--max-stop-strings", type=int, default=16)
     g.add_argument("--max-stop-string-length", type=int, default=256)
+    g.add_argument("--max-num-beams", type=int, default=8, help="largest num_beams (capped at --max-num-seqs)")
+    g.add_argument("--max-num-return-sequences", type=int, default=8,
+                   help="largest num_return_sequences (capped at --max-num-seqs)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         limits_cfg = LimitsConfig(
             max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
             max_stop_strings=args.max_stop_strings, max_stop_string_length=args.max_stop_string_length,
-            max_model_len=args.max_model_len,
+            max_model_len=args.max_model_len, max_num_beams=args.max_num_beams,
+            max_num_return_sequences=args.max_num_return_sequences,
         )
         runtime = load_runtime(spec, cache_cfg, sched_cfg, limits_cfg)
     except ValueError as exc:

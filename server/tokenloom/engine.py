@@ -66,6 +66,11 @@ class Engine:
         params = request.params
         tokens = len(request.prompt_ids) + (0 if request.score_from is not None else params.max_new_tokens)
         width = 1 if request.score_from is not None else params.width
+        if width > self.scheduler.config.max_num_seqs:
+            raise RequestTooLarge(
+                f"the request needs {width} rows in one step; the server runs at most "
+                f"{self.scheduler.config.max_num_seqs} (--max-num-seqs)"
+            )
         if not self.scheduler.fits_ever(tokens, width):
             capacity = self.scheduler.blocks.num_blocks * self.scheduler.blocks.block_size
             raise RequestTooLarge(

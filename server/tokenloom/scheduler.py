@@ -88,15 +88,10 @@ class Scheduler:
         if not out.preempted:
             self._schedule_waiting(out, budget)
         if not out.chunks and len(self.running) > 1:
-            # Every running group is stuck mid-prefill on a full store: make room and retry.
+            # Every running group is stuck mid-prefill on a full store: free the newest
+            # so the others can go on next step.
             self._preempt(self.running[-1], out)
-            return self._merge(out, self.schedule())
         return out
-
-    @staticmethod
-    def _merge(first: SchedulerOutput, second: SchedulerOutput) -> SchedulerOutput:
-        second.preempted[:0] = first.preempted
-        return second
 
     # -- the three passes --------------------------------------------------------
 
@@ -155,11 +150,14 @@ class Scheduler:
 
     def _blocks_needed(self, seqs: list[Sequence], n: int) -> int:
         need = 0
+        writers: dict[int, int] = {}  # shared block -> how many of `seqs` write into it
         for seq in seqs:
             need += self.blocks.extra_blocks(seq.block_table, seq.num_computed + n)
             if self._writes_shared_block(seq):
-                need += 1
-        return need
+                block = seq.block_table[seq.num_computed // self.blocks.block_size]
+                writers[block] = writers.get(block, 0) + 1
+        # Every writer but the last holder gets a copy; the last one keeps the block.
+        return need + sum(min(w, self.blocks.refcount(b) - 1) for b, w in writers.items())
 
     def _writes_shared_block(self, seq: Sequence) -> bool:
         index = seq.num_computed // self.blocks.block_size

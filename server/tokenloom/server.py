@@ -39,6 +39,8 @@ class LimitsConfig:
     default_max_new_tokens: int = 256
     max_stop_strings: int = 16
     max_stop_string_length: int = 256
+    max_num_beams: int = 8
+    max_num_return_sequences: int = 8
     max_model_len: int | None = None  # caps the model's own context length
 
 
@@ -76,6 +78,9 @@ class Runtime:
             default_max_new_tokens=limits_cfg.default_max_new_tokens,
             max_stop_strings=limits_cfg.max_stop_strings,
             max_stop_string_length=limits_cfg.max_stop_string_length,
+            # A request's beams or samples run in one step: never wider than a step.
+            max_num_beams=min(limits_cfg.max_num_beams, sched_cfg.max_num_seqs),
+            max_num_return_sequences=min(limits_cfg.max_num_return_sequences, sched_cfg.max_num_seqs),
         )
         device = next(model.parameters()).device
         num_blocks = cache_cfg.kv_cache_tokens // cache_cfg.block_size

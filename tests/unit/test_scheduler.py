@@ -554,11 +554,6 @@ def test_a_fork_at_a_block_boundary_needs_no_copy():
     assert blocks.num_used == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler._blocks_needed counts one copy-on-write block per sharer of a shared block; "
-    "only the first writer needs a copy, so a fork's first decode is preempted with a block to spare",
-)
 def test_a_forks_first_decode_runs_when_exactly_the_one_block_it_copies_is_free():
     # `other` (19 tokens, 5 blocks) decodes into its own partial block; the forked pair shares
     # 2 blocks and needs one copy between them. 5 + 2 of 8 blocks are used: the one free block is enough.
@@ -581,12 +576,6 @@ def test_a_forks_first_decode_runs_when_exactly_the_one_block_it_copies_is_free(
     assert len(out.block_copies) == 1 and blocks.num_free == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler._blocks_needed counts one copy-on-write block per sharer of a shared block: two beams "
-    "sharing a partial block need 1 free block but are charged 2, so the group preempts itself, the engine "
-    "restarts it from its prompt, it forks again, and the cycle never ends",
-)
 def test_a_beam_group_alone_in_a_store_that_fits_it_finishes():
     # 2 beams of up to 3 tokens: 2 blocks of 3, exactly what fits_ever asks for. After the prompt's
     # reselection both beams share its partial block and write position 1: one copy fills the store.
@@ -777,8 +766,7 @@ def workloads(draw):
     return block_size, max_num_seqs, budget, num_blocks, groups, arrivals, draw(st.integers(0, 2**16))
 
 
-# Derandomized: the examples are the same on every run, so a failure here is reproducible and a
-# known bug found only by some seeds (see the xfail tests above) cannot make CI flaky.
+# Derandomized: the examples are the same on every run, so a failure here is reproducible.
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(workloads())
 def test_random_workloads_finish_every_sequence_with_exactly_its_tokens(workload):
