@@ -57,8 +57,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = torch.empty_like(q)  # [T, heads, D]
     if batch.decode_index is not None:
         qd = q[batch.decode_index].unsqueeze(2)  # [rows, heads, 1, D]
-        kd = k_store[batch.decode_slots].transpose(1, 2)  # [rows, kv_heads, ctx, D]
-        vd = v_store[batch.decode_slots].transpose(1, 2)
+        kd = _gather(k_store, batch.decode_slots).transpose(1, 2)  # [rows, kv_heads, ctx, D]
+        vd = _gather(v_store, batch.decode_slots).transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=True
         )
@@ -69,7 +69,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         if seg.ctx_slots is None:
             ks, vs = k_new[seg.q_start:end], v_new[seg.q_start:end]
         else:
-            ks, vs = k_store[seg.ctx_slots], v_store[seg.ctx_slots]
+            ks, vs = _gather(k_store, seg.ctx_slots), _gather(v_store, seg.ctx_slots)
         ks = ks.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
         vs = vs.transpose(0, 1).unsqueeze(0)
         os_ = F.scaled_dot_product_attention(
@@ -77,6 +77,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         )
         out[seg.q_start:end] = os_[0].transpose(0, 1)
     return out.unsqueeze(0), None  # [1, T, heads, D], as HF's attention functions return
+
+
+def _gather(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`store[slots]`: index_select on flat slots is several times faster than advanced indexing on CPU."""
+    return store.index_select(0, slots.reshape(-1)).view(*slots.shape, *store.shape[1:])
 
 
 def register() -> str:

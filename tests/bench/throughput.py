@@ -94,7 +94,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 32])
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least the level)")
     p.add_argument("--baseline-requests", type=int, default=6, help="requests for the slow sequential baseline")
     p.add_argument("--beam-requests", type=int, default=8, help="concurrent beam-4 requests (0 skips)")
