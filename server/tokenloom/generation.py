@@ -64,7 +64,9 @@ class Generation:
         return self.group.request.score_from is not None
 
     def restart(self) -> None:
-        """(Re)initialise per-sequence state; beam groups start over from their prompt."""
+        """(Re)initialise after admission or preemption: beam groups start over from their
+        prompt, scoring recomputes its log-probabilities, samples keep their tokens."""
+        self.score_logprobs.clear()
         root = self.group.seqs[0]
         if self.params.is_beam:
             self.group.seqs = [Sequence.from_request(root.seq_id, self.group.request)]

@@ -92,3 +92,25 @@ def test_a_beam_4_request_among_16_sampled_streams_takes_4_rows_per_step(tiny_di
     active = [n for n in rows_per_step if n]
     assert active[0] == 1  # the prompt, prefilled once
     assert len(active) > 1 and all(n == 4 for n in active[1:])
+
+
+def test_scoring_rows_preempted_by_a_full_store_still_give_the_formula(tiny_dirs, hf_models):
+    from hf_reference import sequence_logprob
+    from tokenloom.preprocessor import UserInput
+    from tokenloom.request import GenerationOutput
+
+    model, _ = hf_models(tiny_dirs["llama"])
+    h = Harness(tiny_dirs["llama"], kv_tokens=320, budget=8, max_seqs=4)
+    decoders = [h.submit(list(range(40 * i, 40 * i + 20)), max_new_tokens=60) for i in range(2)]
+    prompt, continuation = list(range(500, 540)), list(range(600, 800))
+    request = h.runtime.preprocessor.score(UserInput(input_ids=tuple(prompt)), "", tuple(continuation))
+    h.outputs[request.request_id] = GenerationOutput(request.request_id)
+    h.engine.submit(request)
+    for _ in range(1000):
+        h.step()
+        if not h.runtime.scheduler.has_work():
+            break
+    assert h.runtime.scheduler.num_preemptions > 0, "the scoring row was meant to be preempted"
+    assert all(h.outputs[d].generated_tokens == 60 for d in decoders)
+    per_token, _ = sequence_logprob(model, prompt + continuation, len(prompt))
+    assert h.outputs[request.request_id].logprobs == pytest.approx(per_token, abs=1e-4)
