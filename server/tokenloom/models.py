@@ -43,6 +43,8 @@ class ModelSpec:
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16" | "auto" (the checkpoint's)
     trust_remote_code: bool = False
     cache_dir: str | None = None
+    # "auto": prepacked oneDNN linear layers on CPU fp32 (cpu_linear.py); "torch": F.linear as loaded.
+    linear_kernel: str = "auto"
 
 
 @dataclass
@@ -51,6 +53,8 @@ class LoadedModel:
     tokenizer: Any
     name: str
     path: str  # the local directory actually loaded
+    spec: ModelSpec
+
 
 
 def default_cache_dir() -> Path:
@@ -179,7 +183,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None,
     model = model.to(spec.device).eval()
     log(f"loaded {name} from {path} on {spec.device} ({model.dtype}) "
         f"in {time.perf_counter() - start:.1f} s")
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(path))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(path), spec=spec)
 
 
 def _torch_dtype(dtype: str) -> Any:

@@ -1,0 +1,26 @@
+"""Prepacked oneDNN linear layers give the model's own logits, and do not keep a second copy of the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tokenloom import cpu_linear
+
+
+@pytest.mark.skipif(not cpu_linear.available(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_linears_match_f_linear_and_release_untied_weights(kind, tiny_dirs):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dirs[kind]).eval()
+    packed = AutoModelForCausalLM.from_pretrained(tiny_dirs[kind]).eval()
+    linears = [m for m in packed.modules() if isinstance(m, torch.nn.Linear)]
+    assert cpu_linear.pack_linears(packed) == len(linears) > 0
+    ids = torch.tensor([list(range(100, 160))])
+    with torch.inference_mode():
+        expected, got = reference(ids).logits, packed(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    tied = packed.get_output_embeddings().weight is packed.get_input_embeddings().weight
+    released = [m for m in linears if m.weight.numel() == 0]
+    assert len(released) == len(linears) - (1 if tied else 0)
