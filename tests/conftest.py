@@ -40,6 +40,17 @@ def tiny_servers(tiny_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def metrics_server(tiny_dirs, tmp_path_factory):
+    """A tiny-llama server of its own, so that metric deltas count only the traffic of the test reading them."""
+    logs = tmp_path_factory.mktemp("logs-metrics")
+    server = ServerProcess(tiny_dirs["llama"], *SERVER_ARGS, log_dir=logs, name="metrics").start()
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def default_server(default_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs-default")
     server = ServerProcess("default", *SERVER_ARGS, log_dir=logs, name="default").start()

@@ -16,18 +16,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports (held open together while they are picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class ServerProcess:
     def __init__(self, model: str | Path, *args: str, log_dir: Path, name: str = "server"):
-        self.port = free_port()
+        # Every test server gets a metrics port of its own: the default 8000 would clash.
+        self.port, self.metrics_port = free_ports(2)
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
         self.cmd = [sys.executable, "-m", "tokenloom", "--model", str(model), "--host", "127.0.0.1",
-                    "--port", str(self.port), *args]
+                    "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+                    *args]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":

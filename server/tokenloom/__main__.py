@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+from .admission import AdmissionConfig
+from .metrics import MetricsConfig
 from .models import ModelSpec
 from .scheduler import SchedulerConfig
 from .server import CacheConfig, LimitsConfig, ServerConfig, load_runtime, serve
@@ -27,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    g.add_argument("--linear-kernel", default="auto", choices=["auto", "torch"],
+                   help="auto: prepacked oneDNN linear layers on CPU fp32; torch: the model's own F.linear")
     g.add_argument("--cache-dir", default=None, help="where the converted default model is kept "
                    "(default: $TOKENLOOM_CACHE_DIR or ~/.cache/tokenloom)")
     g = p.add_argument_group("engine")
@@ -45,8 +49,28 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-beams", type=int, default=8, help="largest num_beams (capped at --max-num-seqs)")
     g.add_argument("--max-num-return-sequences", type=int, default=8,
                    help="largest num_return_sequences (capped at --max-num-seqs)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = p.add_argument_group("metrics")
+    g.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics over HTTP; 0 disables")
+    g.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint listens on")
+    _admission_flags(p)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="INFO logs one line per finished request (logger tokenloom.requests)")
     return p
+
+
+def _admission_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("admission", "over a limit a request gets RESOURCE_EXHAUSTED naming the limit and "
+                             "when to retry; 0 turns a limit off")
+    g.add_argument("--rate-limit-per-client", type=int, default=0,
+                   help="requests a client may start per --rate-limit-period (sliding window)")
+    g.add_argument("--rate-limit-period", type=float, default=1.0, help="seconds")
+    g.add_argument("--max-streams-per-client", type=int, default=0, help="requests a client may have open at once")
+    g.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests admitted and still waiting for their first token, over all clients")
+    g.add_argument("--max-queued-prompt-tokens", type=int, default=0,
+                   help="prompt tokens of those requests (a longer prompt is admitted into an empty queue)")
+    g.add_argument("--client-id-metadata-key", default="x-client-id",
+                   help="gRPC metadata key naming the client; without it (or with '') the peer's host is the client")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = ModelSpec(
             path=None if args.model == "default" else args.model, device=args.device, dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, linear_kernel=args.linear_kernel,
+        )
+        metrics_cfg = MetricsConfig(port=args.metrics_port, host=args.metrics_host)
+        admission_cfg = AdmissionConfig(
+            rate_limit_per_client=args.rate_limit_per_client, rate_limit_period=args.rate_limit_period,
+            max_streams_per_client=args.max_streams_per_client, max_queued_requests=args.max_queued_requests,
+            max_queued_prompt_tokens=args.max_queued_prompt_tokens, client_id_metadata_key=args.client_id_metadata_key,
         )
         cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
         sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
@@ -69,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tokenloom: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(runtime, ServerConfig(args.host, args.port, args.grace_seconds)))
+    asyncio.run(serve(runtime, ServerConfig(args.host, args.port, args.grace_seconds), metrics_cfg=metrics_cfg,
+                      admission_cfg=admission_cfg))
     return 0
 
 

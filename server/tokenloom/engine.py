@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable
 
 from .generation import Generation
+from .metrics import Metrics
 from .model_runner import ModelRunner, RunnerOutput
 from .request import FinishReason, GenerationRequest, TokenEvent
 from .sampler import Sampler
@@ -42,6 +44,7 @@ class Engine:
         eos_token_ids: frozenset[int],
         publish: Publish,
         sampler: Sampler | None = None,
+        metrics: Metrics | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -49,6 +52,10 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.publish = publish
         self.sampler = sampler or Sampler()
+        self.metrics = metrics or Metrics()
+        self._kv_block_bytes = runner.cache.bytes_per_block
+        self._preemptions_seen = 0
+        self._unscheduled: set[str] = set()  # admitted requests not yet in a step: their queue wait is open
         self._live: dict[str, Generation] = {}
         self._token_texts: dict[int, str] = {}
         self._inbox: deque[tuple[str, object]] = deque()
@@ -123,6 +130,7 @@ class Engine:
         self._drain_inbox()
         if self.scheduler.has_work():
             self._step_safely()
+        self._record_state()
 
     def _drain_inbox(self) -> None:
         events = []
@@ -144,6 +152,7 @@ class Engine:
             group, self.tokenizer, self.eos_token_ids, self._token_text, self._seq_ids
         )
         self.scheduler.add(group)
+        self._unscheduled.add(request.request_id)
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -152,14 +161,18 @@ class Engine:
         return text
 
     def _end(self, request_id: str, reason: FinishReason, error: str = "") -> TokenEvent:
+        self._unscheduled.discard(request_id)
         return self._live.pop(request_id).abort(reason, self.scheduler, error)
 
     def _step_safely(self) -> None:
+        started = time.monotonic()
         out = self.scheduler.schedule()
         for group in out.preempted:
             self._live[group.request_id].restart()
         if not out.chunks:
             return
+        if self._unscheduled:
+            self._record_queue_waits(out, started)
         try:
             events = self.step(out)
         except Exception as exc:  # a failed step fails the requests in it, never the engine
@@ -168,6 +181,7 @@ class Engine:
             touched = {chunk.seq.request_id for chunk in out.chunks}
             events = [self._end(rid, FinishReason.ERROR, error) for rid in touched if rid in self._live]
         self.publish(events)
+        self.metrics.step(time.monotonic() - started, len(out.chunks), out.num_tokens)
 
     def step(self, out: SchedulerOutput) -> list[TokenEvent]:
         result = self.runner.execute(out)
@@ -215,6 +229,26 @@ class Engine:
         return events
 
     # -- accounting --------------------------------------------------------------
+
+    def _record_queue_waits(self, out: SchedulerOutput, now: float) -> None:
+        for chunk in out.chunks:
+            request = chunk.seq.request
+            if request.request_id in self._unscheduled:
+                self._unscheduled.discard(request.request_id)
+                self.metrics.queue_wait(now - request.arrival_time)
+
+    def _record_state(self) -> None:
+        """Gauges and the preemption counter, once per loop turn (O(running groups))."""
+        scheduler, blocks = self.scheduler, self.scheduler.blocks
+        self.metrics.gauges(
+            waiting=len(scheduler.waiting),
+            running_seqs=sum(len(g.seqs) for g in scheduler.running),
+            kv_used_blocks=blocks.num_used,
+            kv_total_blocks=blocks.num_blocks,
+            kv_bytes_used=blocks.num_used * self._kv_block_bytes,
+        )
+        self.metrics.preempted(scheduler.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = scheduler.num_preemptions
 
     @property
     def num_live(self) -> int:

@@ -46,6 +46,10 @@ class KVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    @property
+    def bytes_per_block(self) -> int:
+        return self.nbytes // self.num_blocks
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer, each `[slots, kv_heads, head_dim]`."""
         return self.kv[index, 0], self.kv[index, 1]

@@ -5,22 +5,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from . import attention, servicer
+from . import attention, cpu_linear, servicer
+from .admission import Admission, AdmissionConfig
 from .block_manager import BlockManager
 from .engine import Engine
 from .kv_cache import KVCache, KVShape
+from .metrics import Metrics, MetricsConfig
 from .model_runner import ModelRunner
 from .models import LoadedModel, ModelSpec, load_model
 from .preprocessor import Preprocessor
+from .request import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from .scheduler import Scheduler, SchedulerConfig
 from .stream import StreamHub
 from .validation import Limits
 
 log = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# After the drain: how long what is left (health Watch streams, the last statuses of streams
+# that just ended, streams past the grace) gets before it is cut.
+_CLOSE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,14 +114,34 @@ class Runtime:
             max_num_seqs=sched_cfg.max_num_seqs,
             kv_cache_tokens=num_blocks * cache_cfg.block_size,
         )
+        if loaded.spec.linear_kernel == "auto" and cpu_linear.available(device, model.dtype):
+            cpu_linear.pack_linears(model)
         log.info(
             "KV store: %d tokens in %d blocks of %d, %.1f MiB",
             num_blocks * cache_cfg.block_size, num_blocks, cache_cfg.block_size, self.cache.nbytes / 2**20,
         )
 
-    def engine(self, publish) -> Engine:
+    def engine(self, publish, metrics: Metrics | None = None) -> Engine:
         runner = ModelRunner(self.loaded.model, self.cache, self.cache.kv.device)
-        return Engine(runner, self.scheduler, self.loaded.tokenizer, self.eos_token_ids, publish)
+        return Engine(runner, self.scheduler, self.loaded.tokenizer, self.eos_token_ids, publish, metrics=metrics)
+
+    def warm_up(self, max_steps: int = 64) -> None:
+        """One short generation (a prefill, a decode step, sampling) on a throwaway engine run in
+        this thread, so that first-call costs (allocator growth, kernel selection, lazy init) are
+        not paid by the first client. Its events and metrics go nowhere; its KV is freed."""
+        started = time.monotonic()
+        events: list[TokenEvent] = []
+        engine = self.engine(events.extend)
+        prompt = tuple(range(min(8, self.served.vocab_size)))
+        engine.submit(GenerationRequest("warm-up", prompt, SamplingParams(max_new_tokens=2, ignore_eos=True)))
+        for _ in range(max_steps):
+            engine.run_once()
+            if any(event.final for event in events):
+                break
+        errors = [e.error for e in events if e.finish_reason is FinishReason.ERROR]
+        if errors or not any(event.final for event in events):
+            raise RuntimeError(f"the warm-up generation failed: {errors[0] if errors else 'it did not finish'}")
+        log.info("warm-up generation done in %.2f s", time.monotonic() - started)
 
 
 def load_runtime(spec: ModelSpec, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, limits_cfg: LimitsConfig) -> Runtime:
@@ -122,29 +154,70 @@ def _max_message_bytes(limits: Limits) -> int:
     return max(4 * 2**20, 64 * limits.context_length)
 
 
-async def serve(runtime: Runtime, config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+async def _health_and_reflection(server: grpc.aio.Server) -> grpc_health.aio.HealthServicer:
+    """grpc.health.v1 answering NOT_SERVING (for the server, "", and for our service) until
+    `serve` says otherwise, and server reflection, so grpcurl-style tools need no proto files."""
+    health = grpc_health.aio.HealthServicer()
+    for service in ("", servicer.SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((servicer.SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return health
+
+
+async def _set_serving(health: grpc_health.aio.HealthServicer) -> None:
+    for service in ("", servicer.SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _drain(server: grpc.aio.Server, health, admission: Admission, grace: float) -> None:
+    """NOT_SERVING while the port still answers (a health Check then says NOT_SERVING rather than
+    failing to connect), no new request admitted (UNAVAILABLE), open ones get `grace` seconds."""
+    await health.enter_graceful_shutdown()
+    admission.close()
+    log.info("draining: health NOT_SERVING, %d open requests get up to %.0f s", admission.num_open, grace)
+    if not await admission.wait_idle(grace):
+        log.warning("%d requests still open after %.0f s: cancelling them", admission.num_open, grace)
+    await server.stop(_CLOSE_SECONDS)
+
+
+async def serve(
+    runtime: Runtime, config: ServerConfig, ready: asyncio.Event | None = None,
+    metrics_cfg: MetricsConfig | None = None,  # None: no metrics endpoint
+    admission_cfg: AdmissionConfig | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
-    hub = StreamHub(loop)
-    engine = runtime.engine(hub.publish)
+    metrics = Metrics()
+    hub = StreamHub(loop, metrics)
+    engine = runtime.engine(hub.publish, metrics)
     hub.engine = engine
     size = _max_message_bytes(runtime.limits)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
     )
-    servicer.add_to_server(servicer.GenerationServicer(runtime.preprocessor, hub, runtime.served), server)
+    admission = Admission(admission_cfg or AdmissionConfig())
+    servicer.add_to_server(servicer.GenerationServicer(runtime.preprocessor, hub, runtime.served, admission), server)
+    health = await _health_and_reflection(server)
     address = f"{config.host}:{config.port}"
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"cannot listen on {address}")
-    engine.start()
-    await server.start()
-    log.info("tokenloom serving %s on %s", runtime.served.name, address)
-    print(f"tokenloom: serving {runtime.served.name} on {address}", flush=True)
+    endpoint = metrics.serve_http(metrics_cfg) if metrics_cfg is not None else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    # Health answers NOT_SERVING meanwhile. The warm-up steps the shared scheduler and KV store, so
+    # the serving engine starts after it (requests that come early wait in its inbox).
+    await asyncio.to_thread(runtime.warm_up)
+    engine.start()
+    if not stop.is_set():
+        await _set_serving(health)
+    log.info("tokenloom serving %s on %s", runtime.served.name, address)
+    print(f"tokenloom: serving {runtime.served.name} on {address}", flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
-    log.info("shutting down: finishing open streams for up to %.0f s", config.grace_seconds)
-    await server.stop(config.grace_seconds)
+    await _drain(server, health, admission, config.grace_seconds)
     engine.stop()
+    if endpoint is not None:
+        endpoint.stop()

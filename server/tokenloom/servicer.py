@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import grpc
 
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
 
+from .admission import Admission, AdmissionConfig, Closed, Rejected, Ticket, client_identity
 from .engine import EngineUnavailable, RequestTooLarge
 from .preprocessor import Preprocessor, UserInput
 from .request import FinishReason, GenerationOutput, GenerationRequest, Hypothesis, TokenEvent, TopToken
+from .request_log import RequestRecord
 from .stream import StreamHub
 from .validation import InvalidArgument, RawParams
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+# Trailing metadata of a RESOURCE_EXHAUSTED answer: seconds after which a retry may pass.
+RETRY_AFTER_KEY = "retry-after-seconds"
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -49,22 +54,29 @@ class ServedModel:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, preprocessor: Preprocessor, hub: StreamHub, served: ServedModel):
+    def __init__(self, preprocessor: Preprocessor, hub: StreamHub, served: ServedModel,
+                 admission: Admission | None = None):
         self.preprocessor = preprocessor
         self.hub = hub
         self.served = served
+        self.admission = admission or Admission(AdmissionConfig())
+        self.metrics = hub.metrics  # one Metrics per server; the hub and the engine share it
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        req = await self._prepare(request, context)
-        client_id = request.request_id or req.request_id
-        async for event in self._events(req, context):
-            yield _to_response(event, client_id)
+        with self._counted("Generate", context) as ending:
+            req = await self._prepare(request, context)
+            client_id = request.request_id or req.request_id
+            async with await self._admit(req, client_id, ending, context) as ticket:
+                async for event in self._events(req, context, ending, ticket):
+                    yield _to_response(event, client_id)
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        req = await self._prepare(request, context)
-        out = GenerationOutput(request.request_id or req.request_id)
-        async for event in self._events(req, context):
-            out.add(event)
+        with self._counted("GenerateUnary", context) as ending:
+            req = await self._prepare(request, context)
+            out = GenerationOutput(request.request_id or req.request_id)
+            async with await self._admit(req, out.request_id, ending, context) as ticket:
+                async for event in self._events(req, context, ending, ticket):
+                    out.add(event)
         return pb.GenerateResult(
             request_id=out.request_id,
             token_ids=out.token_ids,
@@ -78,15 +90,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         prompt = UserInput(prompt=request.prompt, input_ids=tuple(request.prompt_ids))
-        try:
-            req = await asyncio.to_thread(
-                self.preprocessor.score, prompt, request.continuation, tuple(request.continuation_ids)
-            )
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        out = GenerationOutput(req.request_id)
-        async for event in self._events(req, context):
-            out.add(event)
+        with self._counted("Score", context) as ending:
+            try:
+                req = await asyncio.to_thread(
+                    self.preprocessor.score, prompt, request.continuation, tuple(request.continuation_ids)
+                )
+            except InvalidArgument as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            out = GenerationOutput(req.request_id)
+            async with await self._admit(req, request.request_id or req.request_id, ending, context) as ticket:
+                async for event in self._events(req, context, ending, ticket):
+                    out.add(event)
         return pb.ScoreResponse(
             request_id=request.request_id or req.request_id,
             prompt_ids=req.prompt_ids[: req.score_from],
@@ -132,10 +146,31 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    async def _events(self, req: GenerationRequest, context) -> AsyncIterator[TokenEvent]:
+    async def _admit(self, req: GenerationRequest, request_id: str, ending: RequestRecord, context) -> Ticket:
+        """Admission of `req`; the ticket must be held (`async with`) until the request ends."""
+        ending.request_id, ending.prompt_tokens = request_id, len(req.prompt_ids)
+        try:
+            return await self.admission.admit(ending.client, len(req.prompt_ids))
+        except Rejected as exc:
+            ending.limit = exc.limit
+            self.metrics.rejected(exc.limit)
+            retry = () if exc.retry_after_seconds is None else ((RETRY_AFTER_KEY, f"{exc.retry_after_seconds:.3f}"),)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, trailing_metadata=retry)
+        except Closed as exc:
+            self.metrics.rejected("draining")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    def _client(self, context) -> str:
+        metadata = context.invocation_metadata() or ()
+        return client_identity(metadata, context.peer(), self.admission.config.client_id_metadata_key)
+
+    async def _events(self, req: GenerationRequest, context, ending: RequestRecord,
+                      ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """The engine's events for `req`; failures become gRPC status codes."""
         try:
             async for event in self.hub.run(req):
+                ticket.started()
+                ending.on_event(event)
                 if event.finish_reason is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
                 if event.finish_reason is FinishReason.CANCELLED:
@@ -143,9 +178,32 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
                 yield event
         except EngineUnavailable as exc:
+            self.metrics.rejected("engine_unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except RequestTooLarge as exc:
+            self.metrics.rejected("too_large")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    @contextlib.contextmanager
+    def _counted(self, method: str, context) -> Iterator[RequestRecord]:
+        """Count and log one call of a generating RPC under how it ended: its finish reason,
+        "cancelled" when the client left, or the name of the gRPC status code it failed with."""
+        ending = RequestRecord(method, self._client(context))
+        try:
+            yield ending
+        except (asyncio.CancelledError, GeneratorExit):
+            ending.outcome = "cancelled"
+            raise
+        except grpc.aio.AbortError:
+            code = context.code()
+            ending.outcome = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            raise
+        except Exception:
+            ending.outcome = "UNKNOWN"  # what gRPC answers for an exception it did not expect
+            raise
+        finally:
+            self.metrics.request_finished(ending.outcome)
+            ending.emit()
 
 
 _EARLY_STOPPING = {

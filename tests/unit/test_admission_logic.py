@@ -1,0 +1,309 @@
+"""Admission control, pure asyncio: rate windows, stream and queue caps, release on every exit, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tokenloom.admission import Admission, AdmissionConfig, Closed, Rejected, client_identity, peer_host
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def admission(**kw) -> Admission:
+    return Admission(AdmissionConfig(**{"max_queued_requests": 0, **kw}))
+
+
+async def rejected(adm: Admission, client: str = "a", tokens: int = 1) -> Rejected:
+    with pytest.raises(Rejected) as info:
+        await adm.admit(client, tokens)
+    adm.check_invariants()
+    return info.value
+
+
+# -- rate limit -----------------------------------------------------------------------------------
+
+
+def test_rate_limit_rejects_at_once_and_names_the_limit_and_when_to_retry():
+    async def go():
+        adm = admission(rate_limit_per_client=3, rate_limit_period=0.5)
+        t0 = time.monotonic()
+        for _ in range(3):
+            (await adm.admit("a", 1)).release()
+        err = await rejected(adm)
+        assert time.monotonic() - t0 < 0.1, "an over-rate request must not wait for the window"
+        assert err.limit == "rate_limit_per_client"
+        assert "--rate-limit-per-client 3" in err.message and "retry in" in err.message
+        assert 0.3 < err.retry_after_seconds <= 0.5
+        await asyncio.sleep(err.retry_after_seconds + 0.02)
+        (await adm.admit("a", 1)).release()  # the hint was enough
+        adm.check_invariants()
+
+    run(go())
+
+
+def test_rate_limit_is_per_client_and_rejections_do_not_count():
+    async def go():
+        adm = admission(rate_limit_per_client=2, rate_limit_period=0.4)
+        for _ in range(2):
+            (await adm.admit("a", 1)).release()
+        for _ in range(5):
+            await rejected(adm, "a")
+        for _ in range(2):
+            (await adm.admit("b", 1)).release()  # another client has its own window
+        await asyncio.sleep(0.45)
+        # Five rejections did not push the window forward: two more pass, the third does not.
+        for _ in range(2):
+            (await adm.admit("a", 1)).release()
+        await rejected(adm, "a")
+
+    run(go())
+
+
+def test_concurrent_admissions_never_overshoot_the_rate():
+    async def go():
+        adm = admission(rate_limit_per_client=5, rate_limit_period=10)
+        results = await asyncio.gather(*(adm.admit("a", 1) for _ in range(40)), return_exceptions=True)
+        admitted = [r for r in results if not isinstance(r, BaseException)]
+        assert len(admitted) == 5
+        assert all(isinstance(r, Rejected) for r in results if isinstance(r, BaseException))
+        adm.check_invariants()
+
+    run(go())
+
+
+def test_idle_clients_are_forgotten():
+    async def go():
+        adm = admission(rate_limit_per_client=1, rate_limit_period=0.05)
+        for i in range(100):
+            (await adm.admit(f"c{i}", 1)).release()
+        await asyncio.sleep(0.1)
+        (await adm.admit("last", 1)).release()
+        assert set(adm._throttlers) == {"last"}
+
+    run(go())
+
+
+# -- streams per client -----------------------------------------------------------------------------
+
+
+def test_stream_cap_is_per_client_and_frees_when_a_stream_ends():
+    async def go():
+        adm = admission(max_streams_per_client=2)
+        a1, a2 = await adm.admit("a", 1), await adm.admit("a", 1)
+        err = await rejected(adm, "a")
+        assert err.limit == "max_streams_per_client" and "--max-streams-per-client 2" in err.message
+        assert err.retry_after_seconds is None and "when one of them ends" in err.message
+        b = [await adm.admit("b", 1), await adm.admit("b", 1)]  # unaffected
+        a1.release()
+        a3 = await adm.admit("a", 1)
+        adm.check_invariants()
+        for t in (a2, a3, *b):
+            t.release()
+        assert adm.num_open == 0
+        adm.check_invariants()
+
+    run(go())
+
+
+# -- global queue caps -------------------------------------------------------------------------------
+
+
+def test_queued_requests_cap_counts_requests_until_their_first_event():
+    async def go():
+        adm = admission(max_queued_requests=2)
+        t1, t2 = await adm.admit("a", 10), await adm.admit("b", 10)
+        err = await rejected(adm, "c")
+        assert err.limit == "max_queued_requests" and "--max-queued-requests 2" in err.message
+        assert err.retry_after_seconds > 0
+        t1.started()  # running now: no longer queued, still open
+        t1.started()  # idempotent
+        t3 = await adm.admit("c", 10)
+        assert adm.queued_requests == 2 and adm.num_open == 3
+        adm.check_invariants()
+        for t in (t1, t2, t3):
+            t.release()
+        assert adm.queued_requests == 0 and adm.queued_prompt_tokens == 0
+
+    run(go())
+
+
+def test_queued_prompt_tokens_cap_but_a_long_prompt_gets_into_an_empty_queue():
+    async def go():
+        adm = admission(max_queued_prompt_tokens=100)
+        big = await adm.admit("a", 500)  # longer than the cap: admitted, or it could never run
+        err = await rejected(adm, "b", 1)
+        assert err.limit == "max_queued_prompt_tokens" and "--max-queued-prompt-tokens 100" in err.message
+        big.started()
+        t1 = await adm.admit("b", 60)
+        t2 = await adm.admit("c", 40)
+        await rejected(adm, "d", 1)
+        assert adm.queued_prompt_tokens == 100
+        t1.release()  # ended before its first event (cancelled, failed): its tokens leave the queue
+        (await adm.admit("d", 60)).release()
+        for t in (big, t2):
+            t.release()
+        adm.check_invariants()
+
+    run(go())
+
+
+def test_queue_retry_hint_follows_the_recent_queue_wait():
+    async def go():
+        adm = admission(max_queued_requests=1)
+        for _ in range(20):
+            t = await adm.admit("a", 1)
+            await asyncio.sleep(0.01)
+            t.started()
+            t.release()
+        blocker = await adm.admit("a", 1)
+        err = await rejected(adm, "b")
+        assert 0.005 < err.retry_after_seconds < 0.1, err.retry_after_seconds
+        blocker.release()
+
+    run(go())
+
+
+# -- release on every exit path ----------------------------------------------------------------------
+
+
+def test_the_context_manager_releases_on_finish_error_and_cancel():
+    async def go():
+        adm = admission(max_streams_per_client=1, max_queued_requests=1)
+        async with adm.admitted("a", 5):
+            adm.check_invariants()
+            assert adm.num_open == 1
+        assert adm.num_open == 0
+
+        with pytest.raises(RuntimeError):
+            async with adm.admitted("a", 5) as ticket:
+                ticket.started()
+                raise RuntimeError("the step failed")
+        assert adm.num_open == 0
+
+        entered = asyncio.Event()
+
+        async def stream():
+            async with adm.admitted("a", 5):
+                entered.set()
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(stream())
+        await entered.wait()
+        await rejected(adm, "a")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert adm.num_open == 0 and adm.queued_requests == 0
+        adm.check_invariants()
+        (await adm.admit("a", 5)).release()
+
+    run(go())
+
+
+def test_release_is_idempotent_and_started_after_release_is_ignored():
+    async def go():
+        adm = admission(max_streams_per_client=3)
+        t = await adm.admit("a", 7)
+        other = await adm.admit("a", 3)
+        t.release()
+        t.release()
+        t.started()
+        assert adm.num_open == 1 and adm.queued_prompt_tokens == 3
+        adm.check_invariants()
+        other.release()
+
+    run(go())
+
+
+# -- draining ----------------------------------------------------------------------------------------
+
+
+def test_closed_admission_refuses_new_requests_and_waits_for_open_ones():
+    async def go():
+        adm = admission()
+        assert await adm.wait_idle(0.01)
+        t = await adm.admit("a", 1)
+        adm.close()
+        with pytest.raises(Closed):
+            await adm.admit("b", 1)
+        assert not await adm.wait_idle(0.05)
+        asyncio.get_running_loop().call_later(0.05, t.release)
+        start = time.monotonic()
+        assert await adm.wait_idle(5)
+        assert time.monotonic() - start < 1
+
+    run(go())
+
+
+# -- configuration and identity ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["rate_limit_per_client", "max_streams_per_client", "max_queued_requests",
+                                   "max_queued_prompt_tokens"])
+def test_negative_limits_are_refused(field):
+    with pytest.raises(ValueError, match=field):
+        AdmissionConfig(**{field: -1})
+
+
+def test_the_rate_period_must_be_positive():
+    with pytest.raises(ValueError, match="rate_limit_period"):
+        AdmissionConfig(rate_limit_per_client=1, rate_limit_period=0)
+
+
+def test_unlimited_by_default_except_the_queue_safety_net():
+    cfg = AdmissionConfig()
+    assert (cfg.rate_limit_per_client, cfg.max_streams_per_client, cfg.max_queued_prompt_tokens) == (0, 0, 0)
+    assert cfg.max_queued_requests == 1024 and cfg.client_id_metadata_key == "x-client-id"
+
+    async def go():
+        adm = Admission(AdmissionConfig(max_queued_requests=0))
+        tickets = [await adm.admit("a", 10_000) for _ in range(200)]
+        adm.check_invariants()
+        for t in tickets:
+            t.release()
+
+    run(go())
+
+
+@pytest.mark.parametrize("peer, host", [
+    ("ipv4:127.0.0.1:5312", "127.0.0.1"),
+    ("ipv6:[::1]:5312", "::1"),
+    ("ipv6:%5B2001:db8::7%5D:443", "2001:db8::7"),
+    ("unix:/run/tokenloom.sock", "unix:/run/tokenloom.sock"),
+])
+def test_peer_host_drops_scheme_and_port(peer, host):
+    assert peer_host(peer) == host
+
+
+def test_client_identity_prefers_the_metadata_key_then_the_peer_host():
+    meta = (("user-agent", "grpc-python"), ("x-client-id", "team-a"))
+    assert client_identity(meta, "ipv4:10.0.0.7:1234", "x-client-id") == "team-a"
+    assert client_identity(meta, "ipv4:10.0.0.7:1234", "X-Client-Id") == "team-a"
+    assert client_identity(meta, "ipv4:10.0.0.7:1234", "x-tenant") == "10.0.0.7"
+    assert client_identity(meta, "ipv4:10.0.0.7:1234", "") == "10.0.0.7"  # metadata ignored
+    assert client_identity((("x-client-id", ""),), "ipv4:10.0.0.7:1234", "x-client-id") == "10.0.0.7"
+
+
+def test_the_window_reading_agrees_with_asyncio_throttle_itself():
+    """admission.py reads the throttler's log; if asyncio-throttle changes it, this fails first."""
+    from tokenloom.admission import _WindowThrottler
+
+    async def go():
+        throttler = _WindowThrottler(2, 0.3)
+        assert throttler.wait_time() == 0 and throttler.idle
+        for _ in range(2):
+            await asyncio.wait_for(throttler.acquire(), 0.05)  # room: the library does not wait either
+        wait = throttler.wait_time()
+        assert 0.2 < wait <= 0.3 and not throttler.idle
+        with pytest.raises(asyncio.TimeoutError):  # full: the library would wait
+            await asyncio.wait_for(throttler.acquire(), wait - 0.1)
+        start = time.monotonic()
+        await asyncio.wait_for(throttler.acquire(), 1.0)
+        assert 0.02 < time.monotonic() - start < 0.25  # and it waits about what wait_time said (~0.1 s)
+
+    run(go())
