@@ -50,12 +50,15 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         return self
 
-    def wait_ready(self, timeout: float = 180.0) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 180.0, root_certificates: bytes | None = None) -> "ServerProcess":
+        """Until the port accepts a connection; `root_certificates` for a server that speaks TLS."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with grpc.insecure_channel(self.address) as channel:
+            channel = (grpc.insecure_channel(self.address) if root_certificates is None else
+                       grpc.secure_channel(self.address, grpc.ssl_channel_credentials(root_certificates)))
+            with channel:
                 try:
                     grpc.channel_ready_future(channel).result(timeout=1.0)
                     return self

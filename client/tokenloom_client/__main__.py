@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import grpc
 
@@ -37,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
     p.add_argument("--target", default=os.environ.get("TOKENLOOM_TARGET", DEFAULT_TARGET),
                    help="server address (env TOKENLOOM_TARGET; default %(default)s)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect over TLS, trusting the system's root certificates (or --ca-cert)")
+    p.add_argument("--ca-cert", metavar="PATH", help="PEM root certificate(s) to trust; implies --tls")
+    p.add_argument("--token", default=os.environ.get("TOKENLOOM_AUTH_TOKEN"),
+                   help="bearer token for a server started with --auth-token (env TOKENLOOM_AUTH_TOKEN)")
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as raw text instead of a chat message")
     p.add_argument("--system", metavar="TEXT", help="a system message before the prompt")
@@ -99,11 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--system needs a chat prompt; drop --raw")
     if args.score is not None and args.system:
         parser.error("--score scores after the raw prompt text; drop --system")
+    try:
+        root_certificates = None if args.ca_cert is None else Path(args.ca_cert).read_bytes()
+    except OSError as exc:
+        parser.error(f"cannot read --ca-cert: {exc}")
     prompt = None if args.info else _read_prompt(args.prompt)
     if prompt is not None and not prompt.strip():
         parser.error("the prompt is empty")
     try:
-        with Client(args.target) as client:
+        with Client(args.target, tls=args.tls, root_certificates=root_certificates,
+                    token=args.token or None) as client:
             if args.info:
                 print(json.dumps(asdict(client.model_info()), indent=2))
                 return 0
@@ -273,8 +284,11 @@ def _finish(args: argparse.Namespace, reason: str | None, usage: Usage | None,
 def _rpc_failed(error: grpc.RpcError, target: str) -> int:
     print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
     if error.code() == grpc.StatusCode.UNAVAILABLE:
-        print(f"hint: is a server listening at {target}? Start one with `make serve`.",
+        print(f"hint: is a server listening at {target}? Start one with `make serve`. "
+              "If it speaks TLS, pass --tls (and --ca-cert for a self-signed certificate).",
               file=sys.stderr)
+    elif error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        print("hint: pass the server's token with --token or TOKENLOOM_AUTH_TOKEN.", file=sys.stderr)
     return 1
 
 

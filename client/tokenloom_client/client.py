@@ -4,7 +4,11 @@ Both are thin: arguments become a request in `convert`, replies become dataclass
 there too. Failed RPCs are not translated: they propagate as `grpc.RpcError`
 (`grpc.aio.AioRpcError` for AsyncClient, a subclass), whose `.code()` says why:
 UNAVAILABLE when no server listens at the target, INVALID_ARGUMENT when the server
-rejects the request, DEADLINE_EXCEEDED when `timeout` runs out.
+rejects the request, DEADLINE_EXCEEDED when `timeout` runs out, UNAUTHENTICATED when
+the server wants a bearer token (`token=`) that was missing or wrong.
+
+`tls=True` connects over TLS, trusting the system's root certificates, or
+`root_certificates` (PEM bytes, e.g. a self-signed server certificate), which implies TLS.
 """
 
 from __future__ import annotations
@@ -25,11 +29,25 @@ Messages = Iterable[ChatMessage | Mapping[str, str]]
 Metadata = Mapping[str, str] | Sequence[tuple[str, str]]
 
 
-def _call_options(timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
-    """Keyword arguments passed to every RPC; `timeout` bounds a whole stream, not one chunk."""
+def _call_options(timeout: float | None, metadata: Metadata | None, token: str | None) -> dict[str, Any]:
+    """Keyword arguments passed to every RPC; `timeout` bounds a whole stream, not one chunk.
+    A `token` becomes the `authorization` metadata, replacing any given in `metadata`."""
     if isinstance(metadata, Mapping):
         metadata = tuple(metadata.items())
-    return {"timeout": timeout, "metadata": tuple(metadata) if metadata else None}
+    metadata = tuple(metadata or ())
+    if token is not None:
+        if not token:
+            raise ValueError("token must not be empty (pass None for no authentication)")
+        metadata = (*((k, v) for k, v in metadata if k.lower() != "authorization"),
+                    ("authorization", f"Bearer {token}"))
+    return {"timeout": timeout, "metadata": metadata or None}
+
+
+def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    """None for plaintext; TLS when asked for, or when root certificates are given."""
+    if not tls and root_certificates is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates)
 
 
 class Client:
@@ -47,11 +65,14 @@ class Client:
     `continuation_ids`, and returns the continuation's per-token and total log-probs.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 metadata: Metadata | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(self, target: str = DEFAULT_TARGET, *, tls: bool = False,
+                 root_certificates: bytes | None = None, token: str | None = None,
+                 timeout: float | None = None, metadata: Metadata | None = None) -> None:
+        self._options = _call_options(timeout, metadata, token)
+        credentials = _credentials(tls, root_certificates)
+        self._channel = (grpc.insecure_channel(target) if credentials is None
+                         else grpc.secure_channel(target, credentials))
         self._stub = GenerationStub(self._channel)
-        self._options = _call_options(timeout, metadata)
 
     def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
                  input_ids: Iterable[int] | None = None, request_id: str = "",
@@ -105,11 +126,14 @@ class AsyncClient:
     Create it inside the running event loop. Use `async with` or `await close()`.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 metadata: Metadata | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str = DEFAULT_TARGET, *, tls: bool = False,
+                 root_certificates: bytes | None = None, token: str | None = None,
+                 timeout: float | None = None, metadata: Metadata | None = None) -> None:
+        self._options = _call_options(timeout, metadata, token)
+        credentials = _credentials(tls, root_certificates)
+        self._channel = (grpc.aio.insecure_channel(target) if credentials is None
+                         else grpc.aio.secure_channel(target, credentials))
         self._stub = GenerationStub(self._channel)
-        self._options = _call_options(timeout, metadata)
 
     async def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
                        input_ids: Iterable[int] | None = None, request_id: str = "",

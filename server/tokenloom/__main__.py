@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from pathlib import Path
 
 from .admission import AdmissionConfig
 from .metrics import MetricsConfig
@@ -53,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics over HTTP; 0 disables")
     g.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint listens on")
     _admission_flags(p)
+    g = p.add_argument_group("security", "TLS and a bearer token; without them the server is plaintext and open")
+    g.add_argument("--tls-cert", metavar="PATH", help="PEM certificate chain; with --tls-key the server speaks TLS")
+    g.add_argument("--tls-key", metavar="PATH", help="PEM private key of --tls-cert")
+    g.add_argument("--auth-token", default=None,
+                   help="require metadata 'authorization: Bearer <token>' on every RPC but health and "
+                        "reflection (default: $TOKENLOOM_AUTH_TOKEN if set; else no authentication)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="INFO logs one line per finished request (logger tokenloom.requests)")
     return p
@@ -73,10 +81,28 @@ def _admission_flags(p: argparse.ArgumentParser) -> None:
                    help="gRPC metadata key naming the client; without it (or with '') the peer's host is the client")
 
 
+def auth_token(flag: str | None, environ=os.environ) -> str | None:
+    """The flag wins over TOKENLOOM_AUTH_TOKEN; an empty environment variable counts as unset."""
+    return flag if flag is not None else environ.get("TOKENLOOM_AUTH_TOKEN") or None
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together: give both for TLS, or neither for plaintext")
+    try:
+        cert, key = (None, None) if args.tls_cert is None else (
+            Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS certificate or key: {exc}") from exc
+    return ServerConfig(args.host, args.port, args.grace_seconds, tls_cert_chain=cert, tls_private_key=key,
+                        auth_token=auth_token(args.auth_token))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        server_cfg = server_config(args)
         spec = ModelSpec(
             path=None if args.model == "default" else args.model, device=args.device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, linear_kernel=args.linear_kernel,
@@ -99,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tokenloom: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(runtime, ServerConfig(args.host, args.port, args.grace_seconds), metrics_cfg=metrics_cfg,
+    asyncio.run(serve(runtime, server_cfg, metrics_cfg=metrics_cfg,
                       admission_cfg=admission_cfg))
     return 0
 

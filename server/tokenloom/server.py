@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health as grpc_health
@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import attention, cpu_linear, servicer
 from .admission import Admission, AdmissionConfig
+from .auth import BearerTokenInterceptor
 from .block_manager import BlockManager
 from .engine import Engine
 from .kv_cache import KVCache, KVShape
@@ -61,6 +62,16 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     grace_seconds: float = 10.0
+    # TLS when both are set (PEM bytes), plaintext when neither; kept out of repr, as is the token.
+    tls_cert_chain: bytes | None = field(default=None, repr=False)
+    tls_private_key: bytes | None = field(default=None, repr=False)
+    auth_token: str | None = field(default=None, repr=False)  # None: no authentication
+
+    def __post_init__(self):
+        if (self.tls_cert_chain is None) != (self.tls_private_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if self.auth_token is not None and not self.auth_token:
+            raise ValueError("the auth token (--auth-token / TOKENLOOM_AUTH_TOKEN) must not be empty")
 
 
 def eos_ids(model) -> frozenset[int]:
@@ -154,6 +165,13 @@ def _max_message_bytes(limits: Limits) -> int:
     return max(4 * 2**20, 64 * limits.context_length)
 
 
+def _listen(server: grpc.aio.Server, config: ServerConfig, address: str) -> int:
+    if config.tls_cert_chain is None:
+        return server.add_insecure_port(address)
+    credentials = grpc.ssl_server_credentials([(config.tls_private_key, config.tls_cert_chain)])
+    return server.add_secure_port(address, credentials)
+
+
 async def _health_and_reflection(server: grpc.aio.Server) -> grpc_health.aio.HealthServicer:
     """grpc.health.v1 answering NOT_SERVING (for the server, "", and for our service) until
     `serve` says otherwise, and server reflection, so grpcurl-style tools need no proto files."""
@@ -193,13 +211,14 @@ async def serve(
     hub.engine = engine
     size = _max_message_bytes(runtime.limits)
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else None,
     )
     admission = Admission(admission_cfg or AdmissionConfig())
     servicer.add_to_server(servicer.GenerationServicer(runtime.preprocessor, hub, runtime.served, admission), server)
     health = await _health_and_reflection(server)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    if _listen(server, config, address) == 0:
         raise RuntimeError(f"cannot listen on {address}")
     endpoint = metrics.serve_http(metrics_cfg) if metrics_cfg is not None else None
     stop = asyncio.Event()
@@ -212,8 +231,9 @@ async def serve(
     engine.start()
     if not stop.is_set():
         await _set_serving(health)
-    log.info("tokenloom serving %s on %s", runtime.served.name, address)
-    print(f"tokenloom: serving {runtime.served.name} on {address}", flush=True)
+    security = ("TLS" if config.tls_cert_chain else "plaintext") + (", bearer token" if config.auth_token else "")
+    log.info("tokenloom serving %s on %s (%s)", runtime.served.name, address, security)
+    print(f"tokenloom: serving {runtime.served.name} on {address} ({security})", flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
