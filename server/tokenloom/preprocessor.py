@@ -53,7 +53,7 @@ class Preprocessor:
         if not cont:
             raise InvalidArgument("continuation", "the continuation encodes to zero tokens")
         check_token_ids("continuation_ids", tuple(cont), self.vocab_size)
-        check_prompt_ids(ids, self.vocab_size, self.limits)
+        check_prompt_ids(ids, self.vocab_size, self.limits, ids_field="prompt_ids")
         if len(ids) + len(cont) > self.limits.context_length:
             raise InvalidArgument(
                 "continuation",

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from .request import SamplingParams
 
 
+MAX_LENGTH_PENALTY = 10.0
+
+
 class InvalidArgument(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
@@ -68,12 +71,13 @@ def check_exactly_one_input(has_prompt: bool, has_messages: bool, has_ids: bool)
         raise InvalidArgument("prompt", "set only one of prompt, messages or input_ids")
 
 
-def check_prompt_ids(ids: list[int] | tuple[int, ...], vocab_size: int, limits: Limits) -> None:
+def check_prompt_ids(
+    ids: list[int] | tuple[int, ...], vocab_size: int, limits: Limits, ids_field: str = "input_ids"
+) -> None:
+    """`ids_field` names the request's id field in errors (ScoreRequest calls it prompt_ids)."""
     if not ids:
         raise InvalidArgument("prompt", "the input encodes to zero tokens")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise InvalidArgument("input_ids", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    check_token_ids(ids_field, tuple(ids), vocab_size)
     if len(ids) >= limits.context_length:
         raise InvalidArgument(
             "prompt",
@@ -99,7 +103,7 @@ def resolve_params(raw: RawParams, prompt_len: int, limits: Limits) -> SamplingP
         seed=raw.seed,
         stop_strings=_stop_strings(raw, limits),
         num_beams=_bounded_int(raw.num_beams, "num_beams", 1, 1, limits.max_num_beams),
-        length_penalty=_finite(raw.length_penalty, "length_penalty", 1.0),
+        length_penalty=_length_penalty(raw),
         early_stopping=raw.early_stopping,
         num_return_sequences=_bounded_int(
             raw.num_return_sequences, "num_return_sequences", 1, 1, limits.max_num_return_sequences
@@ -156,6 +160,15 @@ def _unit_interval(value: float | None, field: str, default: float, allow_zero: 
     ok = math.isfinite(v) and (0.0 <= v if allow_zero else 0.0 < v) and v <= 1.0
     if not ok:
         raise InvalidArgument(field, f"must be in {'[0' if allow_zero else '(0'}, 1], got {v}")
+    return v
+
+
+def _length_penalty(raw: RawParams) -> float:
+    # Beam scores divide by length ** length_penalty: a bound keeps that a normal float (no overflow, no
+    # division by zero) for any context length; useful values lie within [-2, 5].
+    v = _finite(raw.length_penalty, "length_penalty", 1.0)
+    if not -MAX_LENGTH_PENALTY <= v <= MAX_LENGTH_PENALTY:
+        raise InvalidArgument("length_penalty", f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], got {v}")
     return v
 
 
