@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models, the real default model, and live servers over loopback."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -39,15 +40,21 @@ def tiny_servers(tiny_dirs, tmp_path_factory):
             server.stop()
 
 
-@pytest.fixture(scope="session")
-def metrics_server(tiny_dirs, tmp_path_factory):
-    """A tiny-llama server of its own, so that metric deltas count only the traffic of the test reading them."""
-    logs = tmp_path_factory.mktemp("logs-metrics")
-    server = ServerProcess(tiny_dirs["llama"], *SERVER_ARGS, log_dir=logs, name="metrics").start()
+@contextlib.contextmanager
+def own_server(model_dir, name: str, tmp_path_factory, *args: str):
+    """A live server used by one test module alone, so its counters and KV see only that module's traffic."""
+    logs = tmp_path_factory.mktemp(f"logs-{name}")
+    server = ServerProcess(model_dir, *SERVER_ARGS, *args, log_dir=logs, name=name).start()
     try:
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def metrics_server(tiny_dirs, tmp_path_factory):
+    with own_server(tiny_dirs["llama"], "metrics", tmp_path_factory) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_process import ServerProcess
+from conftest import own_server
 from tokenloom_client import AsyncClient
 
 BLOCK_SIZE = 16
@@ -36,12 +36,8 @@ POLL_S = 10.0  # generous bounds: a tiny model steps in milliseconds
 
 @pytest.fixture(scope="module")
 def server(tiny_dirs, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs-cancellation")
-    proc = ServerProcess(tiny_dirs["llama"], *SERVER_ARGS, log_dir=logs, name="cancellation").start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with own_server(tiny_dirs["llama"], "cancellation", tmp_path_factory, *SERVER_ARGS) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,14 @@ class Harness:
         self.engine.run_once()
         self.runtime.scheduler.check_invariants()
 
+    def run_until_idle(self, limit: int = 1000) -> None:
+        """Step (checking invariants) until nothing is queued or running."""
+        for _ in range(limit):
+            self.step()
+            if not self.runtime.scheduler.has_work():
+                return
+        raise AssertionError(f"still busy after {limit} steps")
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_requests_joining_at_chosen_steps_match_hf(kind, tiny_dirs, hf_models):
@@ -88,10 +96,7 @@ def test_a_full_kv_store_preempts_and_recomputes_without_changing_tokens(tiny_di
     for i in range(8):
         ids = list(range(20 * i + 5, 20 * i + 45))
         prompts[h.submit(ids, max_new_tokens=30)] = ids
-    for _ in range(500):
-        h.step()
-        if not h.runtime.scheduler.has_work():
-            break
+    h.run_until_idle()
     assert h.runtime.scheduler.num_preemptions > 0, "the store was meant to be too small for all 8"
     assert h.runtime.blocks.num_used == 0
     for rid, ids in prompts.items():

@@ -58,10 +58,7 @@ def test_beams_preempted_by_a_full_store_restart_and_still_match_hf(tiny_dirs, h
     h = Harness(tiny_dirs["gpt2"], kv_tokens=320, budget=128, max_seqs=16)
     prompts = [list(range(20 * i + 7, 20 * i + 47)) for i in range(5)]
     rids = [h.submit(p, max_new_tokens=24, num_beams=3, num_return_sequences=2) for p in prompts]
-    for _ in range(800):
-        h.step()
-        if not h.runtime.scheduler.has_work():
-            break
+    h.run_until_idle()
     assert h.runtime.scheduler.num_preemptions > 0, "the store was meant to be too small"
     assert h.runtime.blocks.num_used == 0
     eos = {model.generation_config.eos_token_id}
@@ -106,10 +103,7 @@ def test_scoring_rows_preempted_by_a_full_store_still_give_the_formula(tiny_dirs
     request = h.runtime.preprocessor.score(UserInput(input_ids=tuple(prompt)), "", tuple(continuation))
     h.outputs[request.request_id] = GenerationOutput(request.request_id)
     h.engine.submit(request)
-    for _ in range(1000):
-        h.step()
-        if not h.runtime.scheduler.has_work():
-            break
+    h.run_until_idle()
     assert h.runtime.scheduler.num_preemptions > 0, "the scoring row was meant to be preempted"
     assert all(h.outputs[d].generated_tokens == 60 for d in decoders)
     per_token, _ = sequence_logprob(model, prompt + continuation, len(prompt))
