@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .admission import AdmissionConfig
+from .fault import FaultPlan
 from .metrics import MetricsConfig
 from .models import ModelSpec
 from .scheduler import SchedulerConfig
@@ -61,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--auth-token", default=None,
                    help="require metadata 'authorization: Bearer <token>' on every RPC but health and "
                         "reflection (default: $TOKENLOOM_AUTH_TOKEN if set; else no authentication)")
+    p.add_argument("--inject-fault", action="append", metavar="KIND=SEED", default=None,
+                   help="FOR TESTS ONLY: make requests with this sampling seed fail; KIND is sample-error "
+                        "(their sampling raises after 2 tokens) or engine-death (admitting one kills the engine)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="INFO logs one line per finished request (logger tokenloom.requests)")
     return p
@@ -121,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=args.max_model_len, max_num_beams=args.max_num_beams,
             max_num_return_sequences=args.max_num_return_sequences,
         )
+        faults = FaultPlan.parse(args.inject_fault)
         runtime = load_runtime(spec, cache_cfg, sched_cfg, limits_cfg)
     except ValueError as exc:
         print(f"tokenloom: {exc}", file=sys.stderr)
         return 2
+    if faults.active:
+        logging.getLogger("tokenloom").warning("fault injection is on (%s): a test setting, never for serving", faults)
     asyncio.run(serve(runtime, server_cfg, metrics_cfg=metrics_cfg,
-                      admission_cfg=admission_cfg))
+                      admission_cfg=admission_cfg, faults=faults))
     return 0
 
 

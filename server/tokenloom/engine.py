@@ -14,6 +14,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from .fault import FaultPlan
 from .generation import Generation
 from .metrics import Metrics
 from .model_runner import ModelRunner, RunnerOutput
@@ -25,6 +26,7 @@ from .sequence import SequenceGroup
 log = logging.getLogger(__name__)
 
 Publish = Callable[[list[TokenEvent]], None]
+OnExit = Callable[[BaseException | None], None]
 
 
 class EngineUnavailable(RuntimeError):
@@ -45,6 +47,8 @@ class Engine:
         publish: Publish,
         sampler: Sampler | None = None,
         metrics: Metrics | None = None,
+        faults: FaultPlan | None = None,
+        on_exit: OnExit | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -53,12 +57,15 @@ class Engine:
         self.publish = publish
         self.sampler = sampler or Sampler()
         self.metrics = metrics or Metrics()
+        self.faults = faults or FaultPlan()
+        self.on_exit = on_exit  # called from the engine thread when it ends: None, or what killed it
         self._kv_block_bytes = runner.cache.bytes_per_block
         self._preemptions_seen = 0
         self._unscheduled: set[str] = set()  # admitted requests not yet in a step: their queue wait is open
         self._live: dict[str, Generation] = {}
         self._token_texts: dict[int, str] = {}
         self._inbox: deque[tuple[str, object]] = deque()
+        self._admitting: GenerationRequest | None = None  # taken from the inbox, not yet live
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -68,8 +75,7 @@ class Engine:
     # -- called from any thread ------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
-        if self._stopping or (self._thread is not None and not self._thread.is_alive()):
-            raise EngineUnavailable("the engine is not running; the server is shutting down or failed")
+        self._check_running()
         params = request.params
         tokens = len(request.prompt_ids) + (0 if request.score_from is not None else params.max_new_tokens)
         width = 1 if request.score_from is not None else params.width
@@ -101,19 +107,45 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _check_running(self) -> None:
+        if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+            raise EngineUnavailable("the engine is not running; the server is shutting down or failed")
+
     def _post(self, kind: str, item) -> None:
         with self._wake:
+            if kind == "add":
+                self._check_running()  # under the lock: a stopping engine sees every add it took
             self._inbox.append((kind, item))
             self._wake.notify()
 
     # -- the engine thread -----------------------------------------------------
 
     def _run(self) -> None:
+        death: BaseException | None = None
         try:
             self._loop()
+        except BaseException as exc:  # a bug outside any one step: the engine cannot go on
+            death = exc
+            log.critical("the engine thread died; open requests fail and no new ones are taken", exc_info=True)
         finally:
-            # Also when the thread dies of a bug: no open stream may hang.
-            self.publish([self._end(rid, FinishReason.CANCELLED) for rid in list(self._live)])
+            # No open stream may hang: a clean stop cancels them, a death fails them, and
+            # those it had not taken in yet too.
+            with self._wake:
+                self._stopping = True
+                orphans = [item for kind, item in self._inbox if kind == "add"]
+                self._inbox.clear()
+            if self._admitting is not None:
+                orphans.append(self._admitting)
+            if death is None:
+                ends = [self._end(rid, FinishReason.CANCELLED) for rid in list(self._live)]
+                ends += [_final(request, FinishReason.CANCELLED) for request in orphans]
+            else:
+                error = f"the engine failed ({type(death).__name__}: {death}); the server takes no new requests"
+                ends = [self._end_quietly(rid, error) for rid in list(self._live)]
+                ends += [_final(request, FinishReason.ERROR, error) for request in orphans]
+            self.publish(ends)
+            if self.on_exit is not None:
+                self.on_exit(death)
 
     def _loop(self) -> None:
         while True:
@@ -140,7 +172,14 @@ class Engine:
                     break
                 kind, item = self._inbox.popleft()
             if kind == "add":
-                self._admit(item)
+                self._admitting = item
+                self.faults.on_admit(item.params.seed, item.request_id)
+                try:
+                    self._admit(item)
+                except Exception as exc:
+                    log.exception("admitting request %s failed", item.request_id)
+                    events.append(_final(item, FinishReason.ERROR, _describe(exc)))
+                self._admitting = None
             elif item in self._live:
                 events.append(self._end(item, FinishReason.CANCELLED))
         if events:
@@ -164,6 +203,15 @@ class Engine:
         self._unscheduled.discard(request_id)
         return self._live.pop(request_id).abort(reason, self.scheduler, error)
 
+    def _end_quietly(self, request_id: str, error: str) -> TokenEvent:
+        """A failed request's final event, even when its own bookkeeping is what broke."""
+        try:
+            return self._end(request_id, FinishReason.ERROR, error)
+        except Exception:
+            log.exception("freeing request %s failed", request_id)
+            self._live.pop(request_id, None)
+            return TokenEvent(request_id, finish_reason=FinishReason.ERROR, final=True, error=error)
+
     def _step_safely(self) -> None:
         started = time.monotonic()
         out = self.scheduler.schedule()
@@ -175,29 +223,47 @@ class Engine:
             self._record_queue_waits(out, started)
         try:
             events = self.step(out)
-        except Exception as exc:  # a failed step fails the requests in it, never the engine
+        except Exception as exc:  # a failed forward or sampler fails the step's requests, never the engine
             log.exception("engine step failed")
-            error = f"{type(exc).__name__}: {exc}"
             touched = {chunk.seq.request_id for chunk in out.chunks}
-            events = [self._end(rid, FinishReason.ERROR, error) for rid in touched if rid in self._live]
+            events = [self._end_quietly(rid, _describe(exc)) for rid in touched if rid in self._live]
         self.publish(events)
         self.metrics.step(time.monotonic() - started, len(out.chunks), out.num_tokens)
 
     def step(self, out: SchedulerOutput) -> list[TokenEvent]:
+        """One forward over the scheduled chunks, then each request's own bookkeeping. A request
+        whose bookkeeping raises fails alone (INTERNAL to its client); the others go on."""
         result = self.runner.execute(out)
         self.scheduler.step_done(out)
         events = self._score(out, result)
-        rows = [(self._live[chunk.seq.request_id], chunk.seq, first) for chunk, first, _ in result.rows
-                if chunk.seq.request.score_from is None]
+        by_request: dict[str, list] = {}
+        for chunk, first, _ in result.rows:
+            if chunk.seq.request.score_from is None:
+                by_request.setdefault(chunk.seq.request_id, []).append((chunk.seq, first))
+        rows = []  # (generation, sequence, logits row, sample row)
+        for request_id, seqs in by_request.items():
+            gen = self._live[request_id]
+            try:
+                rows += [(gen, seq, first, self._sample_row(gen, seq)) for seq, first in seqs]
+            except Exception as exc:
+                events.append(self._fail(request_id, exc))
         if rows:
-            logits = result.logits[[first for _, _, first in rows]]  # [rows, vocab]
-            sampled = self.sampler(logits, [gen.sample_row(seq) for gen, seq, _ in rows])
+            logits = result.logits[[first for _, _, first, _ in rows]]  # [rows, vocab]
+            sampled = self.sampler(logits, [row for _, _, _, row in rows])
             events += self._apply(rows, sampled)
         self.steps += 1
         for event in events:
             if event.final:
                 self._live.pop(event.request_id, None)
         return events
+
+    def _sample_row(self, gen: Generation, seq):
+        self.faults.on_sampling(gen.params.seed, seq.num_generated, gen.request_id)
+        return gen.sample_row(seq)
+
+    def _fail(self, request_id: str, exc: Exception) -> TokenEvent:
+        log.exception("request %s failed in its step; the others go on", request_id)
+        return self._end_quietly(request_id, _describe(exc))
 
     def _score(self, out: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
         """Scoring rows: log-probabilities of their continuation tokens."""
@@ -207,25 +273,33 @@ class Engine:
             gen = self._live.get(chunk.seq.request_id)
             if gen is None or not gen.is_scoring:
                 continue
-            first, count = rows.get(id(chunk), (0, 0))
-            logprobs = []
-            if count:
-                start = max(chunk.start, chunk.seq.request.score_from - 1)
-                labels = chunk.seq.token_ids[start + 1 : start + 1 + count]
-                logprobs = self.sampler.label_logprobs(result.logits[first : first + count], labels)
-            events += gen.on_scores(logprobs, chunk.samples, self.scheduler)
+            try:
+                first, count = rows.get(id(chunk), (0, 0))
+                logprobs = []
+                if count:
+                    start = max(chunk.start, chunk.seq.request.score_from - 1)
+                    labels = chunk.seq.token_ids[start + 1 : start + 1 + count]
+                    logprobs = self.sampler.label_logprobs(result.logits[first : first + count], labels)
+                events += gen.on_scores(logprobs, chunk.samples, self.scheduler)
+            except Exception as exc:
+                events.append(self._fail(gen.request_id, exc))
         return events
 
     def _apply(self, rows, sampled) -> list[TokenEvent]:
+        per_request: dict[str, list] = {}
+        for (gen, seq, _, _), row in zip(rows, sampled):
+            per_request.setdefault(gen.request_id, []).append((gen, seq, row))
         events = []
-        beam_rows: dict[str, list] = {}
-        for (gen, seq, _), row in zip(rows, sampled):
-            if gen.beams is not None:
-                beam_rows.setdefault(gen.request_id, []).append(row)
-            else:
-                events += gen.on_sampled(seq, row, self.scheduler)
-        for request_id, results in beam_rows.items():
-            events += self._live[request_id].on_beam_step(results, self.scheduler)
+        for request_id, results in per_request.items():
+            gen = results[0][0]
+            try:
+                if gen.beams is not None:
+                    events += gen.on_beam_step([row for _, _, row in results], self.scheduler)
+                else:
+                    for _, seq, row in results:
+                        events += gen.on_sampled(seq, row, self.scheduler)
+            except Exception as exc:
+                events.append(self._fail(request_id, exc))
         return events
 
     # -- accounting --------------------------------------------------------------
@@ -253,3 +327,13 @@ class Engine:
     @property
     def num_live(self) -> int:
         return len(self._live)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _final(request: GenerationRequest, reason: FinishReason, error: str = "") -> TokenEvent:
+    """The final event of a request that never became live."""
+    return TokenEvent(request.request_id, finish_reason=reason, final=True,
+                      prompt_tokens=len(request.prompt_ids), error=error)

@@ -18,6 +18,7 @@ from .admission import Admission, AdmissionConfig
 from .auth import BearerTokenInterceptor
 from .block_manager import BlockManager
 from .engine import Engine
+from .fault import FaultPlan
 from .kv_cache import KVCache, KVShape
 from .metrics import Metrics, MetricsConfig
 from .model_runner import ModelRunner
@@ -132,9 +133,10 @@ class Runtime:
             num_blocks * cache_cfg.block_size, num_blocks, cache_cfg.block_size, self.cache.nbytes / 2**20,
         )
 
-    def engine(self, publish, metrics: Metrics | None = None) -> Engine:
+    def engine(self, publish, metrics: Metrics | None = None, faults: FaultPlan | None = None, on_exit=None) -> Engine:
         runner = ModelRunner(self.loaded.model, self.cache, self.cache.kv.device)
-        return Engine(runner, self.scheduler, self.loaded.tokenizer, self.eos_token_ids, publish, metrics=metrics)
+        return Engine(runner, self.scheduler, self.loaded.tokenizer, self.eos_token_ids, publish, metrics=metrics,
+                      faults=faults, on_exit=on_exit)
 
     def warm_up(self, max_steps: int = 64) -> None:
         """One short generation (a prefill, a decode step, sampling) on a throwaway engine run in
@@ -188,6 +190,13 @@ async def _set_serving(health: grpc_health.aio.HealthServicer) -> None:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
+async def _not_serving_on(engine_failed: asyncio.Event, health) -> None:
+    await engine_failed.wait()
+    for service in ("", servicer.SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.critical("health: NOT_SERVING, the engine has failed; restart the server")
+
+
 async def _drain(server: grpc.aio.Server, health, admission: Admission, grace: float) -> None:
     """NOT_SERVING while the port still answers (a health Check then says NOT_SERVING rather than
     failing to connect), no new request admitted (UNAVAILABLE), open ones get `grace` seconds."""
@@ -203,11 +212,18 @@ async def serve(
     runtime: Runtime, config: ServerConfig, ready: asyncio.Event | None = None,
     metrics_cfg: MetricsConfig | None = None,  # None: no metrics endpoint
     admission_cfg: AdmissionConfig | None = None,
+    faults: FaultPlan | None = None,  # test-only (--inject-fault)
 ) -> None:
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     hub = StreamHub(loop, metrics)
-    engine = runtime.engine(hub.publish, metrics)
+    engine_failed = asyncio.Event()
+
+    def on_engine_exit(death: BaseException | None) -> None:  # engine thread
+        if death is not None:
+            loop.call_soon_threadsafe(engine_failed.set)
+
+    engine = runtime.engine(hub.publish, metrics, faults=faults, on_exit=on_engine_exit)
     hub.engine = engine
     size = _max_message_bytes(runtime.limits)
     server = grpc.aio.server(
@@ -236,7 +252,11 @@ async def serve(
     print(f"tokenloom: serving {runtime.served.name} on {address} ({security})", flush=True)
     if ready is not None:
         ready.set()
+    # A dead engine cannot come back: health says NOT_SERVING (so a balancer or an orchestrator
+    # moves traffic away and restarts us) and new requests get UNAVAILABLE until a signal stops us.
+    failed = asyncio.ensure_future(_not_serving_on(engine_failed, health))
     await stop.wait()
+    failed.cancel()
     await _drain(server, health, admission, config.grace_seconds)
     engine.stop()
     if endpoint is not None:

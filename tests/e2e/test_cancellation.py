@@ -12,13 +12,12 @@ import contextlib
 import json
 import random
 import time
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import own_server
+from metrics_scrape import Scrape, poll
 from tokenloom_client import AsyncClient
 
 BLOCK_SIZE = 16
@@ -31,7 +30,6 @@ NUM_STREAMS = 32
 MAX_NEW = 200
 # Cancels land in the first LAST_CANCEL tokens, so the survivors still run at the checkpoint after them.
 LAST_CANCEL = 50
-POLL_S = 10.0  # generous bounds: a tiny model steps in milliseconds
 
 
 @pytest.fixture(scope="module")
@@ -48,44 +46,7 @@ def block_bytes(tiny_dirs) -> int:
     return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * BLOCK_SIZE * 4
 
 
-class Sample:
-    """One scrape of /metrics, keyed by sample name and labels."""
-
-    def __init__(self, url: str):
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        self.values = {(s.name, frozenset(s.labels.items())): s.value
-                       for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def get(self, name: str, **labels: str) -> float:
-        return self.values.get(("tokenloom_" + name, frozenset(labels.items())), 0.0)
-
-    def finished(self, outcome: str) -> float:
-        return self.get("requests_finished_total", outcome=outcome)
-
-    @property
-    def running(self) -> float:
-        return self.get("running_sequences")
-
-    @property
-    def kv_bytes(self) -> float:
-        return self.get("kv_cache_used_bytes")
-
-    @property
-    def steps(self) -> float:
-        return self.get("step_duration_seconds_count")
-
-
-def poll(url: str, ready, timeout: float = POLL_S) -> Sample:
-    """The first scrape for which `ready(sample)` holds; the last one once `timeout` has passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sample = Sample(url)
-        if ready(sample) or time.monotonic() > deadline:
-            return sample
-        time.sleep(0.02)
-
-
-def idle(before: Sample, cancelled: int):
+def idle(before: Scrape, cancelled: int):
     """Ready when `cancelled` more requests ended as cancelled than in `before` and no row holds KV."""
     return lambda s: (s.finished("cancelled") - before.finished("cancelled") >= cancelled
                       and s.running == 0 and s.kv_bytes == 0)
@@ -138,8 +99,8 @@ def test_cancelling_half_of_32_streams_frees_their_kv_and_leaves_the_rest_unchan
     # Half of the cancelled streams are left by the reader (break + aclose), half cancelled from outside.
     by_reader = set(cancelled[::2])
 
-    async def run() -> tuple[Sample, Sample, list[int], list[list[int]]]:
-        before = await asyncio.to_thread(Sample, url)
+    async def run() -> tuple[Scrape, Scrape, list[int], list[list[int]]]:
+        before = await asyncio.to_thread(Scrape, url)
         tokens: list[list[int]] = [[] for _ in requests]
         async with AsyncClient(server.address) as client:
             tasks = [asyncio.create_task(_read(client, r, tokens[i], points[i] if i in by_reader else None))
@@ -148,13 +109,13 @@ def test_cancelling_half_of_32_streams_frees_their_kv_and_leaves_the_rest_unchan
             await asyncio.gather(*killers)
             await asyncio.gather(*(tasks[i] for i in cancelled), return_exceptions=True)
 
-            def checkpoint_ready(s: Sample) -> bool:
+            def checkpoint_ready(s: Scrape) -> bool:
                 return s.finished("cancelled") - before.finished("cancelled") >= len(cancelled) and s.running == 16
 
             await asyncio.to_thread(poll, url, checkpoint_ready)
             # What the client holds is at most one step ahead of the gauges of the scrape after it.
             received = [len(tokens[i]) for i in survivors]
-            checkpoint = await asyncio.to_thread(Sample, url)
+            checkpoint = await asyncio.to_thread(Scrape, url)
             assert all(len(tokens[i]) < MAX_NEW for i in survivors), "a survivor ended before the checkpoint"
             await asyncio.gather(*(tasks[i] for i in survivors))
         return before, checkpoint, received, [tokens[i] for i in survivors]
@@ -190,7 +151,7 @@ def test_cancelling_half_of_32_streams_frees_their_kv_and_leaves_the_rest_unchan
 
 def test_a_passed_deadline_ends_the_stream_with_deadline_exceeded_and_frees_its_rows(server):
     url = server.metrics_url
-    before = Sample(url)
+    before = Scrape(url)
     request = dict(input_ids=list(range(700, 720)), max_new_tokens=400, ignore_eos=True)
 
     async def run() -> tuple[list[int], float]:
@@ -216,7 +177,7 @@ def test_a_passed_deadline_ends_the_stream_with_deadline_exceeded_and_frees_its_
 
 def test_a_client_that_closes_its_channel_mid_stream_frees_its_rows(server):
     url = server.metrics_url
-    before = Sample(url)
+    before = Scrape(url)
     request = dict(input_ids=list(range(800, 815)), max_new_tokens=400, ignore_eos=True, **SAMPLED, seed=5)
 
     async def run() -> tuple[list[int], BaseException | None]:

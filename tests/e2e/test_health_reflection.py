@@ -74,7 +74,8 @@ async def _stream(c: AsyncClient, started: asyncio.Event, **request) -> tuple[li
     return ids, reason
 
 
-def test_sigterm_drains_not_serving_open_streams_complete_and_the_process_exits_0(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_drains_not_serving_open_streams_complete_and_the_process_exits_0(sig, tiny_dirs, tmp_path):
     server = ServerProcess(tiny_dirs["llama"], *ARGS, "--grace-seconds", "60", log_dir=tmp_path, name="drain")
     params = dict(max_new_tokens=400, ignore_eos=True)  # ~2 s of streaming on a tiny model
 
@@ -88,7 +89,7 @@ def test_sigterm_drains_not_serving_open_streams_complete_and_the_process_exits_
                 watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
                 assert (await watch.read()).status == SERVING
                 await asyncio.gather(*(s.wait() for s in started))
-                server.proc.send_signal(signal.SIGTERM)
+                server.proc.send_signal(sig)  # what Ctrl-C sends, for SIGINT
                 sent = time.monotonic()
                 assert (await watch.read()).status == NOT_SERVING
                 # The port still answers during the drain: Check says NOT_SERVING, not "connection refused".
@@ -109,7 +110,7 @@ def test_sigterm_drains_not_serving_open_streams_complete_and_the_process_exits_
     assert draining, "the checks above should have run while the streams were still open"
     assert statuses == {NOT_SERVING}
     assert refused.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.details()
-    assert [ids for ids, _ in got] == ref, "a stream open at SIGTERM must complete unchanged"
+    assert [ids for ids, _ in got] == ref, "a stream open at the signal must complete unchanged"
     assert all(reason == "length" for _, reason in got)
     assert code == 0, server.log_tail()
     # Done when the streams are, not at the 60 s grace (an open health Watch must not hold it either).
@@ -140,3 +141,27 @@ def test_reflection_lists_the_services_and_serves_the_schema(tiny_dirs, tmp_path
             assert len(result.token_ids) == 5 and result.usage.prompt_tokens == len(PROMPTS[0])
     finally:
         server.stop()
+
+
+def test_streams_still_open_when_the_grace_ends_are_cut_and_the_process_exits_0(tiny_dirs, tmp_path):
+    server = ServerProcess(tiny_dirs["llama"], *ARGS, "--grace-seconds", "0", log_dir=tmp_path, name="grace")
+
+    async def go():
+        async with AsyncClient(server.address) as c:
+            started = asyncio.Event()
+            stream = asyncio.create_task(_stream(c, started, input_ids=PROMPTS[0], max_new_tokens=480, ignore_eos=True))
+            await started.wait()
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await asyncio.wait_for(stream, timeout=30)
+        return cut.value
+
+    try:
+        server.start().wait_ready()
+        cut = asyncio.run(go())
+        code = server.proc.wait(timeout=30)
+    finally:
+        server.stop()
+    assert cut.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), cut
+    assert code == 0, server.log_tail()
+    assert "requests still open after 0 s: cancelling them" in server.log_tail(10**6)

@@ -10,9 +10,9 @@ import urllib.request
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from metrics_scrape import PREFIX, Scrape
 from tokenloom_client import AsyncClient
 
-PREFIX = "tokenloom_"
 
 # (request, new tokens per sequence, sequences): ignore_eos makes every length exact.
 COMPLETE = [
@@ -33,38 +33,18 @@ CANCELLED = [dict(input_ids=list(range(600 + 10 * i, 610 + 10 * i)), max_new_tok
 CHUNKS_BEFORE_CANCEL = 3
 
 
-class Sample:
-    """One scrape of a server's /metrics, keyed by sample name and labels."""
-
-    def __init__(self, url: str):
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        self.values: dict[tuple[str, frozenset], float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                self.values[(s.name, frozenset(s.labels.items()))] = s.value
-
-    def get(self, name: str, **labels: str) -> float:
-        return self.values.get((PREFIX + name, frozenset(labels.items())), 0.0)
-
-    def by_label(self, name: str, label: str) -> dict[str, float]:
-        return {dict(k)[label]: v for (n, k), v in self.values.items() if n == PREFIX + name}
-
-    def outcomes(self) -> dict[str, float]:
-        return self.by_label("requests_finished_total", "outcome")
-
-
-def delta(after: Sample, before: Sample, name: str, **labels: str) -> float:
+def delta(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
     return after.get(name, **labels) - before.get(name, **labels)
 
 
-def settled(url: str, before: Sample, finished: int, timeout: float = 15.0) -> Sample:
+def settled(url: str, before: Scrape, finished: int, timeout: float = 15.0) -> Scrape:
     """The first scrape that counts `finished` more requests than `before` and shows an idle engine.
 
     Outcomes of cancelled streams reach the counter when the server notices the cancel, which
     may come after the client has moved on."""
     deadline = time.monotonic() + timeout
     while True:
-        after = Sample(url)
+        after = Scrape(url)
         done = sum(after.outcomes().values()) - sum(before.outcomes().values())
         idle = after.get("running_sequences") == 0 and after.get("kv_cache_used_bytes") == 0
         if (done >= finished and idle) or time.monotonic() > deadline:
@@ -120,7 +100,7 @@ async def cancelled(address: str) -> list[int]:
 
 def test_counters_and_histograms_match_completed_and_invalid_requests(metrics_server):
     url = metrics_server.metrics_url
-    before = Sample(url)
+    before = Scrape(url)
     results = asyncio.run(complete_and_invalid(metrics_server.address))
     finished = [*COMPLETE, UNARY]
     answers, codes = results[: len(finished)], results[len(finished):]
@@ -160,7 +140,7 @@ def test_counters_and_histograms_match_completed_and_invalid_requests(metrics_se
 
 def test_cancelled_streams_count_as_cancelled_and_free_their_kv(metrics_server):
     url = metrics_server.metrics_url
-    before = Sample(url)
+    before = Scrape(url)
     received = asyncio.run(cancelled(metrics_server.address))
     after = settled(url, before, len(CANCELLED))
 

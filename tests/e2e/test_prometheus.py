@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from server_process import free_port
-from test_metrics import Sample, cancelled, complete_and_invalid
+from metrics_scrape import Scrape
+from test_metrics import cancelled, complete_and_invalid
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "tokenloom.json"
@@ -123,7 +124,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(metrics_serve
     # Traffic of every kind between scrapes, so that rates and quantiles have something to show.
     asyncio.run(complete_and_invalid(metrics_server.address))
     asyncio.run(cancelled(metrics_server.address))
-    served = Sample(metrics_server.metrics_url).get("generated_tokens_total")
+    served = Scrape(metrics_server.metrics_url).get("generated_tokens_total")
     wait_for(lambda: scraped_value() >= served, "a scrape after the traffic")
 
     empty, nan = [], []

@@ -12,7 +12,7 @@ from tokenloom.models import ModelSpec
 from tokenloom.request import GenerationOutput
 from tokenloom.scheduler import SchedulerConfig
 from tokenloom.server import CacheConfig, LimitsConfig, load_runtime
-from tokenloom.validation import RawParams, resolve_params
+from tokenloom.validation import RawParams
 from tokenloom.preprocessor import UserInput
 
 

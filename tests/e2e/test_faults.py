@@ -1,0 +1,111 @@
+"""Faults inside the engine, injected with the test-only `--inject-fault` flag and aimed at one
+request by its seed: a request whose own sampling raises fails alone with INTERNAL while the
+streams beside it go on token for token; an engine thread that dies ends every open stream with
+an error (none hangs), turns health NOT_SERVING and refuses new requests with UNAVAILABLE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import own_server
+from metrics_scrape import Scrape, poll
+from tokenloom_client import AsyncClient
+
+SAMPLE_ERROR_SEED = 666
+ENGINE_DEATH_SEED = 13
+SERVICE = "tokenloom.v1.Generation"
+
+# Greedy and seeded sampled neighbours: their tokens do not depend on who shares the batch.
+NEIGHBOURS = [dict(input_ids=list(range(100 + 7 * i, 109 + 7 * i)), max_new_tokens=60, ignore_eos=True,
+                   **(dict(do_sample=True, temperature=0.8, top_k=50, seed=i) if i % 2 else {}))
+              for i in range(8)]
+VICTIM = dict(input_ids=[5, 6, 7, 8, 9], max_new_tokens=60, ignore_eos=True, do_sample=True, seed=SAMPLE_ERROR_SEED)
+
+
+async def _collect(client: AsyncClient, request: dict, started: asyncio.Event | None = None):
+    """(token ids, None) when the stream completes; (token ids so far, the RpcError) when it fails."""
+    ids = []
+    try:
+        async with contextlib.aclosing(client.stream(**request)) as chunks:
+            async for chunk in chunks:
+                ids += chunk.token_ids
+                if started is not None and ids:
+                    started.set()
+    except grpc.aio.AioRpcError as exc:
+        return ids, exc
+    return ids, None
+
+
+@pytest.fixture(scope="module")
+def sample_fault_server(tiny_dirs, tmp_path_factory):
+    args = ("--inject-fault", f"sample-error={SAMPLE_ERROR_SEED}", "--log-level", "WARNING")
+    with own_server(tiny_dirs["llama"], "fault-sample", tmp_path_factory, *args) as proc:
+        yield proc
+
+
+def test_a_fault_in_one_requests_sampling_fails_only_that_request(sample_fault_server):
+    server = sample_fault_server
+
+    async def go():
+        async with AsyncClient(server.address) as c:
+            alone = [await _collect(c, r) for r in NEIGHBOURS]
+            together = await asyncio.gather(*(_collect(c, r) for r in [*NEIGHBOURS[:4], VICTIM, *NEIGHBOURS[4:]]))
+            after = await _collect(c, NEIGHBOURS[0])
+        return alone, list(together), after
+
+    before = Scrape(server.metrics_url)
+    alone, together, after = asyncio.run(go())
+    victim_ids, victim_error = together.pop(4)
+    assert victim_error is not None and victim_error.code() == grpc.StatusCode.INTERNAL
+    assert "injected fault in the sampling" in victim_error.details(), victim_error.details()
+    assert len(victim_ids) == 2, "the fault is injected once two tokens were streamed"
+    assert all(error is None for _, error in alone + together)
+    assert [ids for ids, _ in together] == [ids for ids, _ in alone], "neighbours must not notice the fault"
+    assert after == alone[0], "the engine keeps serving afterwards"
+    scrape = poll(server.metrics_url, lambda s: s.idle and s.finished("INTERNAL") > before.finished("INTERNAL"))
+    assert scrape.finished("INTERNAL") - before.finished("INTERNAL") == 1
+    assert scrape.idle, "the failed request's rows and blocks are freed"
+    assert server.proc.poll() is None
+
+
+def test_engine_death_ends_open_streams_with_an_error_and_turns_health_not_serving(tiny_dirs, tmp_path_factory):
+    args = ("--inject-fault", f"engine-death={ENGINE_DEATH_SEED}", "--log-level", "WARNING")
+    long = [dict(input_ids=list(range(50 + 9 * i, 60 + 9 * i)), max_new_tokens=400, ignore_eos=True)
+            for i in range(4)]
+
+    async def go(address):
+        async with AsyncClient(address) as c, grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            started = [asyncio.Event() for _ in long]
+            streams = [asyncio.create_task(_collect(c, r, s)) for r, s in zip(long, started)]
+            await asyncio.gather(*(s.wait() for s in started))
+            killer = await _collect(c, dict(input_ids=[1, 2, 3], do_sample=True, seed=ENGINE_DEATH_SEED))
+            # Every open stream ends (a hang would trip the timeout) and with an error.
+            ended = await asyncio.wait_for(asyncio.gather(*streams), timeout=60)
+            assert (await asyncio.wait_for(watch.read(), timeout=30)).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            check = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            refused = await _collect(c, long[0])
+        return killer, ended, check.status, refused
+
+    with own_server(tiny_dirs["qwen2"], "fault-death", tmp_path_factory, *args) as server:
+        killer, ended, status, refused = asyncio.run(go(server.address))
+        log = server.log_tail(10**6)
+        assert server.proc.poll() is None, "the process stays up so that its health can be read"
+    assert killer[1] is not None and killer[1].code() == grpc.StatusCode.INTERNAL
+    assert "engine failed" in killer[1].details() and "injected engine death" in killer[1].details()
+    for ids, error in ended:
+        assert error is not None and error.code() == grpc.StatusCode.INTERNAL, error
+        assert "engine failed" in error.details()
+        assert 0 < len(ids) < 400
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert refused[1] is not None and refused[1].code() == grpc.StatusCode.UNAVAILABLE
+    assert "engine is not running" in refused[1].details()
+    assert "the engine thread died" in log
