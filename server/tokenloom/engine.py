@@ -16,6 +16,7 @@ from typing import Callable
 
 from .fault import FaultPlan
 from .generation import Generation
+from .heap import HeapTrimmer
 from .metrics import Metrics
 from .model_runner import ModelRunner, RunnerOutput
 from .request import FinishReason, GenerationRequest, TokenEvent
@@ -70,6 +71,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._seq_ids = itertools.count()
+        self._heap = HeapTrimmer()
         self.steps = 0
 
     # -- called from any thread ------------------------------------------------
@@ -106,6 +108,20 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            log.info("%s", self.state_report())
+
+    def state_report(self) -> str:
+        """The scheduler's invariant check and what is still held: after a stop, nothing should be."""
+        try:
+            self.scheduler.check_invariants()
+            verdict = "invariants hold"
+        except AssertionError as exc:
+            verdict = f"INVARIANT BROKEN ({exc})"
+        blocks = self.scheduler.blocks
+        seqs = sum(len(g.seqs) for g in list(self.scheduler.waiting) + self.scheduler.running)
+        return (f"engine stopped after {self.steps} steps: {verdict}, {seqs} sequences, "
+                f"{blocks.num_used} of {blocks.num_blocks} KV blocks in use")
 
     def _check_running(self) -> None:
         if self._stopping or (self._thread is not None and not self._thread.is_alive()):
@@ -150,11 +166,16 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
+                idle = not self._inbox and not self.scheduler.has_work() and not self._stopping
+            if idle:
+                self._heap.on_idle()  # outside the lock: submit() need not wait for it
+            with self._wake:
                 while not self._inbox and not self.scheduler.has_work() and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
                     break
             self.run_once()
+            self._heap.on_step()
         self._drain_inbox()
 
     def run_once(self) -> None:

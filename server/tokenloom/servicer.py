@@ -63,7 +63,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.metrics = hub.metrics  # one Metrics per server; the hub and the engine share it
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        with self._counted("Generate", context) as ending:
+        with self._counted("Generate", context, request.request_id) as ending:
             req = await self._prepare(request, context)
             client_id = request.request_id or req.request_id
             async with await self._admit(req, client_id, ending, context) as ticket:
@@ -71,7 +71,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     yield _to_response(event, client_id)
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        with self._counted("GenerateUnary", context) as ending:
+        with self._counted("GenerateUnary", context, request.request_id) as ending:
             req = await self._prepare(request, context)
             out = GenerationOutput(request.request_id or req.request_id)
             async with await self._admit(req, out.request_id, ending, context) as ticket:
@@ -90,7 +90,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         prompt = UserInput(prompt=request.prompt, input_ids=tuple(request.prompt_ids))
-        with self._counted("Score", context) as ending:
+        with self._counted("Score", context, request.request_id) as ending:
             try:
                 req = await asyncio.to_thread(
                     self.preprocessor.score, prompt, request.continuation, tuple(request.continuation_ids)
@@ -185,10 +185,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     @contextlib.contextmanager
-    def _counted(self, method: str, context) -> Iterator[RequestRecord]:
+    def _counted(self, method: str, context, request_id: str) -> Iterator[RequestRecord]:
         """Count and log one call of a generating RPC under how it ended: its finish reason,
         "cancelled" when the client left, or the name of the gRPC status code it failed with."""
-        ending = RequestRecord(method, self._client(context))
+        ending = RequestRecord(method, self._client(context), request_id=request_id)  # the client's, if any
         try:
             yield ending
         except (asyncio.CancelledError, GeneratorExit):
