@@ -17,6 +17,7 @@ import collections
 import json
 import random
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -169,9 +170,10 @@ async def _drive(server: ServerProcess, requests: int, concurrency: int, seed: i
 
 
 def run_soak(model_dir: Path, requests: int = 5000, concurrency: int = 64, seed: int = 0,
-             log_dir: Path | None = None, progress: bool = False) -> Report:
+             log_dir: Path | None = None, progress: bool = False, server_args: tuple[str, ...] = ()) -> Report:
     report = Report(requests=requests)
-    server = ServerProcess(model_dir, *SERVER_ARGS, log_dir=log_dir or Path(tempfile.mkdtemp()), name="soak")
+    server = ServerProcess(model_dir, *SERVER_ARGS, *server_args, log_dir=log_dir or Path(tempfile.mkdtemp()),
+                           name="soak")
     try:
         server.start().wait_ready()
         before = Scrape(server.metrics_url)
@@ -202,6 +204,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model directory (default: a tiny random Llama built here)")
+    p.add_argument("--server-args", default="", help="extra flags for the server, e.g. '--linear-kernel torch'")
     p.add_argument("--out", default=".soak/report.json")
     args = p.parse_args()
     if args.model is None:
@@ -211,7 +214,8 @@ def main() -> int:
     else:
         model_dir = Path(args.model)
     print(f"soak: {args.requests} requests at concurrency {args.concurrency} against {model_dir}", flush=True)
-    report = run_soak(model_dir, args.requests, args.concurrency, args.seed, progress=True)
+    report = run_soak(model_dir, args.requests, args.concurrency, args.seed, progress=True,
+                      server_args=tuple(shlex.split(args.server_args)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report.to_json())
     print(report.to_json())

@@ -5,7 +5,7 @@ MLPs and projections never see padding. This function is registered with
 transformers' `AttentionInterface`; HF then builds no mask and calls it once per
 layer with the new tokens' q/k/v (after rotary embeddings). It writes k/v into
 the store and attends each row to its own history:
-- decode rows (one new token) in one batched SDPA call over a padded gather;
+- decode rows (one new token) in one batched SDPA call over their blocks, gathered and padded;
 - prompt chunks one call each, causal with an offset for chunked prefill.
 """
 
@@ -39,8 +39,10 @@ class AttentionBatch:
     cache: KVCache
     slot_mapping: torch.Tensor  # [total_tokens] where each new token's k/v goes
     decode_index: torch.Tensor | None  # [rows] packed positions of single-token rows
-    decode_slots: torch.Tensor | None  # [rows, max_ctx] context slots, padded
-    decode_mask: torch.Tensor | None  # [rows, 1, 1, max_ctx] bool, True = attend
+    decode_blocks: torch.Tensor | None  # [rows, max_blocks] each row's block table, padded with block 0
+    decode_mask: torch.Tensor | None  # [rows, 1, 1, max_blocks * block_size] bool, True = attend
+    decode_lens: torch.Tensor | None  # [rows] context length of each decode row
+    decode_kernel: object | None  # decode_kernel.load()'s function; None: gather + SDPA
     prefills: list[PrefillSegment]
 
 
@@ -56,13 +58,19 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     out = torch.empty_like(q)  # [T, heads, D]
     if batch.decode_index is not None:
-        qd = q[batch.decode_index].unsqueeze(2)  # [rows, heads, 1, D]
-        kd = _gather(k_store, batch.decode_slots).transpose(1, 2)  # [rows, kv_heads, ctx, D]
-        vd = _gather(v_store, batch.decode_slots).transpose(1, 2)
-        od = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=True
-        )
-        out[batch.decode_index] = od.squeeze(2)
+        rows, heads, dim = len(batch.decode_index), q.shape[1], q.shape[2]
+        kv_heads = k_store.shape[1]
+        # Grouped-query attention without expanding K/V: the query heads that share a KV head
+        # become that head's query positions (one new token each, so no causal order among them).
+        qd = q[batch.decode_index].view(rows, kv_heads, heads // kv_heads, dim)
+        if batch.decode_kernel is not None:  # reads the store in place
+            od = batch.decode_kernel(qd, k_store, v_store, batch.decode_blocks, batch.decode_lens,
+                                     batch.cache.block_size, dim**-0.5 if scaling is None else scaling)
+        else:
+            kd = _gather_blocks(k_store, batch.decode_blocks, batch.cache.block_size)  # [rows, kv_heads, ctx, D]
+            vd = _gather_blocks(v_store, batch.decode_blocks, batch.cache.block_size)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scaling)
+        out[batch.decode_index] = od.reshape(rows, heads, dim)
     for seg in batch.prefills:
         end = seg.q_start + seg.q_len
         qs = q[seg.q_start:end].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, D]
@@ -77,6 +85,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         )
         out[seg.q_start:end] = os_[0].transpose(0, 1)
     return out.unsqueeze(0), None  # [1, T, heads, D], as HF's attention functions return
+
+
+def _gather_blocks(store: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`[rows, kv_heads, blocks * block_size, D]` view of the rows' blocks, copied a block at a time
+    (whole blocks are contiguous in the store: one index per block, not per token)."""
+    slots, kv_heads, dim = store.shape
+    flat = store.view(slots // block_size, block_size * kv_heads * dim).index_select(0, blocks.reshape(-1))
+    return flat.view(blocks.shape[0], blocks.shape[1] * block_size, kv_heads, dim).transpose(1, 2)
 
 
 def _gather(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

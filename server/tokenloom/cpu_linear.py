@@ -26,8 +26,27 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def rows_bucket(rows: int) -> int:
+    """The row count a linear call is padded to: exact up to 32, then 8 steps per doubling.
+
+    oneDNN builds (and caches, up to 1024) one primitive per input shape, ~0.2 MB each; with a
+    row count that changes every step the process grew by ~125 MiB over a 20,000-request soak.
+    Buckets bound the shapes to ~70 per weight shape, for at most 12.5 % padded rows."""
+    if rows <= 32:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    rows = x.numel() // x.shape[-1]
+    padded = rows_bucket(rows)
+    if padded == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    flat = x.reshape(rows, x.shape[-1])
+    flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")[:rows]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def pack_linears(model: torch.nn.Module, rows_hint: int = 32) -> int:

@@ -35,8 +35,9 @@ def kept_positions(chunk: ScheduledChunk) -> range:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, device):
+    def __init__(self, model, cache: KVCache, device, decode_kernel=None):
         self.model = model
+        self.decode_kernel = decode_kernel  # decode_kernel.load()'s function, or None for the torch path
         self.cache = cache
         self.device = torch.device(device)
         self.block_size = cache.block_size
@@ -62,8 +63,10 @@ class ModelRunner:
             cache=self.cache,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             decode_index=None,
-            decode_slots=None,
+            decode_blocks=None,
             decode_mask=None,
+            decode_lens=None,
+            decode_kernel=self.decode_kernel,
             prefills=[],
         )
         self._plan_attention(chunks, batch)
@@ -96,12 +99,15 @@ class ModelRunner:
                 batch.prefills.append(self._chunk_segment(chunk, offset))
             offset += chunk.num_tokens
         if decode_rows:
-            max_ctx = max(decode_ctx)
+            width = -(-max(decode_ctx) // self.block_size)  # blocks of the longest row
             batch.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            batch.decode_slots = self._gather_slots(decode_tables, max_ctx)
+            batch.decode_blocks = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in decode_tables],
+                                               dtype=torch.long, device=dev)
             lengths = torch.tensor(decode_ctx, device=dev)
-            mask = torch.arange(max_ctx, device=dev)[None, :] < lengths[:, None]  # [rows, max_ctx]
-            batch.decode_mask = mask[:, None, None, :]
+            batch.decode_lens = lengths
+            if self.decode_kernel is None:
+                mask = torch.arange(width * self.block_size, device=dev)[None, :] < lengths[:, None]
+                batch.decode_mask = mask[:, None, None, :]  # [rows, 1, 1, width * block_size]
 
     def _chunk_segment(self, chunk: ScheduledChunk, offset: int) -> PrefillSegment:
         """A prompt chunk after the first: attends to its history in the store, causally."""

@@ -45,6 +45,8 @@ class ModelSpec:
     cache_dir: str | None = None
     # "auto": prepacked oneDNN linear layers on CPU fp32 (cpu_linear.py); "torch": F.linear as loaded.
     linear_kernel: str = "auto"
+    # "auto": decode attention by the C++ kernel (decode_kernel.py) on CPU fp32; "torch": gather + SDPA.
+    attention_kernel: str = "auto"
 
 
 @dataclass

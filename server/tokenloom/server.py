@@ -13,7 +13,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import attention, cpu_linear, servicer
+from . import attention, cpu_linear, decode_kernel, servicer
 from .admission import Admission, AdmissionConfig
 from .auth import BearerTokenInterceptor
 from .block_manager import BlockManager
@@ -128,13 +128,16 @@ class Runtime:
         )
         if loaded.spec.linear_kernel == "auto" and cpu_linear.available(device, model.dtype):
             cpu_linear.pack_linears(model)
+        self.decode_kernel = None
+        if loaded.spec.attention_kernel == "auto" and decode_kernel.available(device, model.dtype):
+            self.decode_kernel = decode_kernel.load()
         log.info(
             "KV store: %d tokens in %d blocks of %d, %.1f MiB",
             num_blocks * cache_cfg.block_size, num_blocks, cache_cfg.block_size, self.cache.nbytes / 2**20,
         )
 
     def engine(self, publish, metrics: Metrics | None = None, faults: FaultPlan | None = None, on_exit=None) -> Engine:
-        runner = ModelRunner(self.loaded.model, self.cache, self.cache.kv.device)
+        runner = ModelRunner(self.loaded.model, self.cache, self.cache.kv.device, decode_kernel=self.decode_kernel)
         return Engine(runner, self.scheduler, self.loaded.tokenizer, self.eos_token_ids, publish, metrics=metrics,
                       faults=faults, on_exit=on_exit)
 

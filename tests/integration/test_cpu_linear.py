@@ -24,3 +24,12 @@ def test_packed_linears_match_f_linear_and_release_untied_weights(kind, tiny_dir
     tied = packed.get_output_embeddings().weight is packed.get_input_embeddings().weight
     released = [m for m in linears if m.weight.numel() == 0]
     assert len(released) == len(linears) - (1 if tied else 0)
+
+
+def test_row_buckets_bound_the_shapes_and_waste_at_most_an_eighth():
+    buckets = {cpu_linear.rows_bucket(rows) for rows in range(1, 4097)}
+    assert len(buckets) <= 32 + 8 * 7  # exact to 32, then 8 per doubling up to 4096
+    for rows in range(1, 4097):
+        padded = cpu_linear.rows_bucket(rows)
+        assert rows <= padded <= rows * 1.125
+        assert cpu_linear.rows_bucket(padded) == padded
