@@ -67,5 +67,13 @@ def pack_linears(model: torch.nn.Module, rows_hint: int = 32) -> int:
         if id(module.weight) not in shared:
             module.weight.data = torch.empty(0, dtype=weight.dtype)
         count += 1
+    # Weights loaded from safetensors may still be pages of the memory-mapped file; the packed
+    # copies replace the linears', and copying what is left (embeddings, norms) lets the mapping
+    # go: otherwise the whole file stays resident beside the packed weights (measured: 2901 ->
+    # 2496 MiB for the default model with its KV store).
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel():
+                param.data = param.data.clone()
     log.info("packed %d linear layers for oneDNN", count)
     return count
