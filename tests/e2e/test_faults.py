@@ -6,7 +6,6 @@ an error (none hangs), turns health NOT_SERVING and refuses new requests with UN
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import own_server
 from metrics_scrape import Scrape, poll
+from stream_outcome import collect
 from tokenloom_client import AsyncClient
 
 SAMPLE_ERROR_SEED = 666
@@ -25,20 +25,6 @@ NEIGHBOURS = [dict(input_ids=list(range(100 + 7 * i, 109 + 7 * i)), max_new_toke
                    **(dict(do_sample=True, temperature=0.8, top_k=50, seed=i) if i % 2 else {}))
               for i in range(8)]
 VICTIM = dict(input_ids=[5, 6, 7, 8, 9], max_new_tokens=60, ignore_eos=True, do_sample=True, seed=SAMPLE_ERROR_SEED)
-
-
-async def _collect(client: AsyncClient, request: dict, started: asyncio.Event | None = None):
-    """(token ids, None) when the stream completes; (token ids so far, the RpcError) when it fails."""
-    ids = []
-    try:
-        async with contextlib.aclosing(client.stream(**request)) as chunks:
-            async for chunk in chunks:
-                ids += chunk.token_ids
-                if started is not None and ids:
-                    started.set()
-    except grpc.aio.AioRpcError as exc:
-        return ids, exc
-    return ids, None
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +39,20 @@ def test_a_fault_in_one_requests_sampling_fails_only_that_request(sample_fault_s
 
     async def go():
         async with AsyncClient(server.address) as c:
-            alone = [await _collect(c, r) for r in NEIGHBOURS]
-            together = await asyncio.gather(*(_collect(c, r) for r in [*NEIGHBOURS[:4], VICTIM, *NEIGHBOURS[4:]]))
-            after = await _collect(c, NEIGHBOURS[0])
+            alone = [(await collect(c, r)).ids for r in NEIGHBOURS]
+            together = await asyncio.gather(*(collect(c, r) for r in [*NEIGHBOURS[:4], VICTIM, *NEIGHBOURS[4:]]))
+            after = await collect(c, NEIGHBOURS[0])
         return alone, list(together), after
 
     before = Scrape(server.metrics_url)
     alone, together, after = asyncio.run(go())
-    victim_ids, victim_error = together.pop(4)
-    assert victim_error is not None and victim_error.code() == grpc.StatusCode.INTERNAL
-    assert "injected fault in the sampling" in victim_error.details(), victim_error.details()
-    assert len(victim_ids) == 2, "the fault is injected once two tokens were streamed"
-    assert all(error is None for _, error in alone + together)
-    assert [ids for ids, _ in together] == [ids for ids, _ in alone], "neighbours must not notice the fault"
-    assert after == alone[0], "the engine keeps serving afterwards"
+    victim = together.pop(4)
+    assert victim.error is not None and victim.error.code() == grpc.StatusCode.INTERNAL
+    assert "injected fault in the sampling" in victim.error.details(), victim.error.details()
+    assert len(victim.ids) == 2, "the fault is injected once two tokens were streamed"
+    assert all(o.error is None for o in [*together, after])
+    assert [o.ids for o in together] == alone, "neighbours must not notice the fault"
+    assert after.ids == alone[0], "the engine keeps serving afterwards"
     scrape = poll(server.metrics_url, lambda s: s.idle and s.finished("INTERNAL") > before.finished("INTERNAL"))
     assert scrape.finished("INTERNAL") - before.finished("INTERNAL") == 1
     assert scrape.idle, "the failed request's rows and blocks are freed"
@@ -84,28 +70,28 @@ def test_engine_death_ends_open_streams_with_an_error_and_turns_health_not_servi
             watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             started = [asyncio.Event() for _ in long]
-            streams = [asyncio.create_task(_collect(c, r, s)) for r, s in zip(long, started)]
+            streams = [asyncio.create_task(collect(c, r, s)) for r, s in zip(long, started)]
             await asyncio.gather(*(s.wait() for s in started))
-            killer = await _collect(c, dict(input_ids=[1, 2, 3], do_sample=True, seed=ENGINE_DEATH_SEED))
+            killer = await collect(c, dict(input_ids=[1, 2, 3], do_sample=True, seed=ENGINE_DEATH_SEED))
             # Every open stream ends (a hang would trip the timeout) and with an error.
             ended = await asyncio.wait_for(asyncio.gather(*streams), timeout=60)
             assert (await asyncio.wait_for(watch.read(), timeout=30)).status == \
                 health_pb2.HealthCheckResponse.NOT_SERVING
             check = await health.Check(health_pb2.HealthCheckRequest(service=""))
-            refused = await _collect(c, long[0])
+            refused = await collect(c, long[0])
         return killer, ended, check.status, refused
 
     with own_server(tiny_dirs["qwen2"], "fault-death", tmp_path_factory, *args) as server:
         killer, ended, status, refused = asyncio.run(go(server.address))
         log = server.log_tail(10**6)
         assert server.proc.poll() is None, "the process stays up so that its health can be read"
-    assert killer[1] is not None and killer[1].code() == grpc.StatusCode.INTERNAL
-    assert "engine failed" in killer[1].details() and "injected engine death" in killer[1].details()
-    for ids, error in ended:
-        assert error is not None and error.code() == grpc.StatusCode.INTERNAL, error
-        assert "engine failed" in error.details()
-        assert 0 < len(ids) < 400
+    assert killer.error is not None and killer.error.code() == grpc.StatusCode.INTERNAL
+    assert "engine failed" in killer.error.details() and "injected engine death" in killer.error.details()
+    for stream in ended:
+        assert stream.error is not None and stream.error.code() == grpc.StatusCode.INTERNAL, stream.error
+        assert "engine failed" in stream.error.details()
+        assert 0 < len(stream.ids) < 400
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert refused[1] is not None and refused[1].code() == grpc.StatusCode.UNAVAILABLE
-    assert "engine is not running" in refused[1].details()
+    assert refused.error is not None and refused.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "engine is not running" in refused.error.details()
     assert "the engine thread died" in log

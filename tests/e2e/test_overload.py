@@ -5,14 +5,13 @@ request completes with exactly the tokens it gets alone: nothing lost, nothing d
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 
 import grpc
 import pytest
 
 from conftest import own_server
 from metrics_scrape import Scrape, poll
+from stream_outcome import collect
 from tokenloom_client import AsyncClient
 
 MAX_SEQS = 4
@@ -35,48 +34,34 @@ def server(tiny_dirs, tmp_path_factory):
         yield proc
 
 
-async def _run(client: AsyncClient, request: dict, started: asyncio.Event | None = None):
-    """(token ids, error or None, when the call ended)."""
-    ids = []
-    try:
-        async with contextlib.aclosing(client.stream(**request)) as chunks:
-            async for chunk in chunks:
-                ids += chunk.token_ids
-                if started is not None:
-                    started.set()
-    except grpc.aio.AioRpcError as exc:
-        return ids, exc, time.monotonic()
-    return ids, None, time.monotonic()
-
-
 def test_a_burst_past_the_queue_is_refused_at_once_and_every_admitted_request_completes(server):
     async def go():
         async with AsyncClient(server.address) as c:
-            alone = [(await _run(c, r))[0] for r in LONG + BURST]
+            alone = [(await collect(c, r)).ids for r in LONG + BURST]
             before = Scrape(server.metrics_url)
             started = [asyncio.Event() for _ in LONG]
-            longs = [asyncio.create_task(_run(c, r, s)) for r, s in zip(LONG, started)]
+            longs = [asyncio.create_task(collect(c, r, s)) for r, s in zip(LONG, started)]
             await asyncio.gather(*(s.wait() for s in started))  # every row is taken
-            results = await asyncio.gather(*(_run(c, r) for r in BURST))
+            results = await asyncio.gather(*(collect(c, r) for r in BURST))
             long_results = await asyncio.gather(*longs)
         return alone, before, results, long_results
 
     alone, before, results, long_results = asyncio.run(go())
-    assert all(error is None for _, error, _ in long_results)
-    rejected = [i for i, (_, error, _) in enumerate(results) if error is not None]
+    assert all(o.error is None for o in long_results)
+    rejected = [i for i, o in enumerate(results) if o.error is not None]
     admitted = [i for i in range(len(BURST)) if i not in rejected]
     assert rejected, "20 requests against 4 busy rows and a queue of 8 must overflow it"
     assert len(admitted) >= QUEUE
-    last_rejection = max(results[i][2] for i in rejected)
-    first_long_end = min(ended for _, _, ended in long_results)
+    last_rejection = max(results[i].ended_at for i in rejected)
+    first_long_end = min(o.ended_at for o in long_results)
     assert last_rejection < first_long_end, "a refusal must not wait for capacity to free up"
     for i in rejected:
-        error = results[i][1]
+        error = results[i].error
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-queued-requests 8" in error.details() and results[i][0] == []
+        assert "--max-queued-requests 8" in error.details() and results[i].ids == []
     # Every admitted request, the long ones preempted and recomputed included, gets what it gets alone.
-    assert [ids for ids, _, _ in long_results] == alone[:MAX_SEQS]
-    assert [results[i][0] for i in admitted] == [alone[MAX_SEQS + i] for i in admitted]
+    assert [o.ids for o in long_results] == alone[:MAX_SEQS]
+    assert [results[i].ids for i in admitted] == [alone[MAX_SEQS + i] for i in admitted]
     after = poll(server.metrics_url, lambda s: s.idle and s.finished("length") - before.finished("length")
                  >= MAX_SEQS + len(admitted))
     assert after.get("preemptions_total") > before.get("preemptions_total"), "the KV store never ran full"
