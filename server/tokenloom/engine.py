@@ -77,7 +77,6 @@ class Engine:
     # -- called from any thread ------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
-        self._check_running()
         params = request.params
         tokens = len(request.prompt_ids) + (0 if request.score_from is not None else params.max_new_tokens)
         width = 1 if request.score_from is not None else params.width
@@ -130,7 +129,7 @@ class Engine:
     def _post(self, kind: str, item) -> None:
         with self._wake:
             if kind == "add":
-                self._check_running()  # under the lock: a stopping engine sees every add it took
+                self._check_running()  # here, under the lock: a stopping engine sees every add it took
             self._inbox.append((kind, item))
             self._wake.notify()
 
@@ -166,17 +165,21 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                idle = not self._inbox and not self.scheduler.has_work() and not self._stopping
+                idle = self._idle()
             if idle:
                 self._heap.on_idle()  # outside the lock: submit() need not wait for it
             with self._wake:
-                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+                while self._idle():
                     self._wake.wait()
                 if self._stopping:
                     break
             self.run_once()
             self._heap.on_step()
         self._drain_inbox()
+
+    def _idle(self) -> bool:
+        """Nothing to take in, nothing to step, no stop asked (call with the lock held)."""
+        return not self._inbox and not self.scheduler.has_work() and not self._stopping
 
     def run_once(self) -> None:
         """Take in new requests and aborts, then run one step if there is work."""
