@@ -10,7 +10,7 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick soak clean
+.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick profile soak clean
 
 install: $(STAMP) proto kernels
 
@@ -76,3 +76,7 @@ bench: install
 bench-quick: install
 	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PYTHON) tests/bench/run.py --quick $(BENCH_ARGS)
+
+# Where one decode step's time goes (64 rows x 300 tokens by default; PROFILE_ARGS='--rows 32').
+profile: install
+	$(PYTHON) tests/bench/step_profile.py $(PROFILE_ARGS)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "paged_decode.cpp"
 # Vectorised float reductions need reassociation; infinities stay meaningful (softmax's max).
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"]
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
 
 _kernel = None
 
@@ -40,7 +40,7 @@ def _build():
         log.info("loading the CPU decode-attention kernel (compiled once per machine, about a minute)")
         module = load_inline(
             name="tokenloom_paged_decode", cpp_sources=[SOURCE.read_text()], functions=["paged_decode"],
-            extra_cflags=CFLAGS, verbose=False,
+            extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
         )
         log.info("CPU decode-attention kernel ready in %.1f s", time.monotonic() - started)
         return module.paged_decode
