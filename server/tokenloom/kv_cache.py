@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mmap
+import math
+
 import torch
 
 
@@ -36,11 +39,10 @@ class KVCache:
         self.shape = shape
         self.num_blocks = num_blocks
         self.block_size = block_size
+        dims = (shape.num_layers, 2, num_blocks * block_size, shape.num_kv_heads, shape.head_dim)
         # Zero-filled: padded gathers read unused slots, and 0 * finite stays finite.
-        self.kv = torch.zeros(
-            shape.num_layers, 2, num_blocks * block_size, shape.num_kv_heads, shape.head_dim,
-            dtype=dtype, device=device,
-        )
+        self.kv = _lazy_zeros(dims, dtype) if torch.device(device).type == "cpu" else \
+            torch.zeros(dims, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -62,3 +64,12 @@ class KVCache:
         src = torch.tensor([s for s, _ in pairs], device=self.kv.device)[:, None] * self.block_size + offsets
         dst = torch.tensor([d for _, d in pairs], device=self.kv.device)[:, None] * self.block_size + offsets
         self.kv[:, :, dst.flatten()] = self.kv[:, :, src.flatten()]
+
+
+def _lazy_zeros(dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in an anonymous memory mapping: the kernel hands out zeroed pages on first touch, so the
+    store costs resident memory only for the blocks that have held tokens (`torch.zeros` writes, and
+    so makes resident, every byte at start)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    mapping = mmap.mmap(-1, max(1, math.prod(dims) * itemsize))
+    return torch.frombuffer(mapping, dtype=dtype).view(dims)
