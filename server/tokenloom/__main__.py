@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-kernel", default="auto", choices=["auto", "torch"],
                    help="auto: decode attention read straight from the paged KV store by a C++ kernel on CPU "
                         "fp32 (built once per machine); torch: block gather + SDPA")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="auto: the checkpoint's weights; dummy: only --model's config.json and tokenizer, with "
+                        "random weights (seeded), to benchmark model sizes without their checkpoints")
     g.add_argument("--cache-dir", default=None, help="where the converted default model is kept "
                    "(default: $TOKENLOOM_CACHE_DIR or ~/.cache/tokenloom)")
     g = p.add_argument_group("engine")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = ModelSpec(
             path=None if args.model == "default" else args.model, device=args.device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, linear_kernel=args.linear_kernel,
-            attention_kernel=args.attention_kernel,
+            attention_kernel=args.attention_kernel, load_format=args.load_format,
         )
         metrics_cfg = MetricsConfig(port=args.metrics_port, host=args.metrics_host)
         admission_cfg = AdmissionConfig(

@@ -28,6 +28,8 @@ _DTYPES: dict[str, Any] = {
     "auto": "auto",
 }
 
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
 Log = Callable[[str], None]
 
 
@@ -47,6 +49,9 @@ class ModelSpec:
     linear_kernel: str = "auto"
     # "auto": decode attention by the C++ kernel (decode_kernel.py) on CPU fp32; "torch": gather + SDPA.
     attention_kernel: str = "auto"
+    # "auto": the checkpoint's weights; "dummy": config.json only, random weights (seeded, so every
+    # load of one config is the same model): benchmarks of model sizes nobody has to download.
+    load_format: str = "auto"
 
 
 @dataclass
@@ -181,11 +186,32 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None,
                          "tokenloom serves decoder-only causal LMs (Llama, Qwen2, GPT-2, ...)")
     extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **common, **extra)
+    if spec.load_format == "dummy":
+        model = dummy_model(config, dtype, spec.trust_remote_code, **extra)
+        name = f"{name} (dummy weights)"
+    elif spec.load_format == "auto":
+        if not any(next(path.glob(pattern), None) for pattern in _WEIGHT_FILES):
+            raise ValueError(f"{path} has a config.json but no weights ({', '.join(_WEIGHT_FILES)}); pass a "
+                             "directory written by save_pretrained, or --load-format dummy for random weights")
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **common, **extra)
+    else:
+        raise ValueError(f"unknown load format {spec.load_format!r}; choose auto or dummy")
     model = model.to(spec.device).eval()
     log(f"loaded {name} from {path} on {spec.device} ({model.dtype}) "
         f"in {time.perf_counter() - start:.1f} s")
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(path), spec=spec)
+
+
+def dummy_model(config, dtype: Any = torch.float32, trust_remote_code: bool = False, seed: int = 0, **extra):
+    """The model `config` describes with the architecture's own random initialisation, on the CPU,
+    from a fixed seed: the same config gives the same weights in every process."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype == "auto" else dtype
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
 
 
 def _torch_dtype(dtype: str) -> Any:

@@ -31,6 +31,12 @@ from workload import Request
 
 
 def load_model(model_dir: Path):
+    if not any(Path(model_dir).glob("*.safetensors")):  # config only: what the server loads with --load-format dummy
+        from transformers import AutoConfig
+
+        from tokenloom.models import dummy_model
+
+        return dummy_model(AutoConfig.from_pretrained(model_dir, local_files_only=True)).eval()
     return AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, local_files_only=True).eval()
 

@@ -44,7 +44,8 @@ def load(model_dir: Path, server_args: list[str]):
 
     a = parser().parse_args(["--model", str(model_dir), *server_args])
     spec = ModelSpec(path=a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
-                     cache_dir=a.cache_dir, linear_kernel=a.linear_kernel, attention_kernel=a.attention_kernel)
+                     cache_dir=a.cache_dir, linear_kernel=a.linear_kernel, attention_kernel=a.attention_kernel,
+                     load_format=a.load_format)
     runtime = load_runtime(
         spec,
         CacheConfig(kv_cache_tokens=a.kv_cache_tokens, block_size=a.block_size),

@@ -77,7 +77,16 @@ class RssSampler:
 
 
 def weights_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    on_disk = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    if on_disk:
+        return on_disk
+    # A config-only directory (--load-format dummy): the fp32 size of the model it describes.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    return 4 * sum(p.numel() for p in model.parameters())
 
 
 def kv_store_bytes(server_log: str, model_dir: Path, kv_tokens: int, dtype: str) -> int:

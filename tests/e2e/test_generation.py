@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 
 import grpc
 import pytest
 
+from conftest import own_server
 from hf_reference import chat_ids, hf_generate
 from tiny_models import KINDS
 from tokenloom_client import AsyncClient, Client
@@ -48,6 +50,23 @@ def test_greedy_matches_hf_generate_inside_a_changing_batch(kind, tiny_servers, 
         expected = hf_generate(model, prompt, do_sample=False, max_new_tokens=m)
         assert ids == expected, f"prompt of {len(prompt)} tokens diverged from HF generate"
         assert reason == ("eos" if expected[-1] in tok.all_special_ids and len(expected) < m else "length")
+
+
+def test_dummy_weights_serve_like_the_checkpoint_built_from_the_same_seed(tiny_dirs, hf_models, tmp_path_factory):
+    """`--load-format dummy` on a directory holding only config.json and a tokenizer: the model is the
+    architecture's random init from seed 0, which is how the tiny checkpoint was built."""
+    model, tok = hf_models(tiny_dirs["llama"])
+    config_only = tmp_path_factory.mktemp("config-only")
+    for item in tiny_dirs["llama"].iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, config_only / item.name)
+    prompts = [[random.Random(n).randrange(len(tok)) for _ in range(n)] for n in (5, 40)]
+    with own_server(config_only, "dummy", tmp_path_factory, "--load-format", "dummy") as server:
+        with Client(server.address) as client:
+            assert "dummy" in client.model_info().model_name
+            for prompt in prompts:
+                got = client.generate(input_ids=prompt, max_new_tokens=12).token_ids
+                assert got == hf_generate(model, prompt, do_sample=False, max_new_tokens=12)
 
 
 DEFAULT_QUESTIONS = [

@@ -51,6 +51,36 @@ def test_dtype_is_applied_and_auto_keeps_the_checkpoint(tmp_path, tokenizer_dir)
     assert load_model(ModelSpec(path=path, dtype="auto"), **QUIET).model.dtype == torch.float32
 
 
+def _config_only(path):
+    for weights in path.glob("*.safetensors"):
+        weights.unlink()
+    return path
+
+
+def test_dummy_load_format_builds_the_seeded_architecture_from_config_alone(tmp_path, tokenizer_dir):
+    checkpoint = build_tiny_model("qwen2", tmp_path / "ckpt", tokenizer_dir=tokenizer_dir, seed=0)
+    config_only = _config_only(build_tiny_model("qwen2", tmp_path / "cfg", tokenizer_dir=tokenizer_dir, seed=5))
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    with torch.no_grad():
+        dummies = [load_model(ModelSpec(path=str(config_only), load_format="dummy"), **QUIET) for _ in range(2)]
+        logits = [d.model(input_ids=ids).logits for d in dummies]
+        reference = load_model(ModelSpec(path=str(checkpoint)), **QUIET).model(input_ids=ids).logits
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), before)  # the caller's random stream is left alone
+    assert "dummy" in dummies[0].name
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    # Seed 0 and the same config: the very weights a checkpoint built from seed 0 holds.
+    torch.testing.assert_close(logits[0], reference, rtol=0, atol=0)
+
+
+def test_a_directory_without_weights_names_the_dummy_format(tmp_path, tokenizer_dir):
+    path = _config_only(build_tiny_model("llama", tmp_path / "m", tokenizer_dir=tokenizer_dir))
+    with pytest.raises(ValueError, match="no weights.*--load-format dummy"):
+        load_model(ModelSpec(path=str(path)), **QUIET)
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist.*local"):
         load_model(ModelSpec(path=str(tmp_path / "nope")), **QUIET)
