@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one engine step")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens computed per step; longer prompts are prefilled in chunks of what is left")
+    g.add_argument("--schedule-policy", default="prefill-first", choices=["prefill-first", "decode-first"],
+                   help="prefill-first: a step with prompts waiting computes only prompts (decoders wait that one "
+                        "step, never two in a row): lower time to first token; decode-first: decode rows always "
+                        "run and prompts get the budget they leave: steadier inter-token latency")
     g = p.add_argument_group("limits")
     g.add_argument("--max-model-len", type=int, default=None, help="cap the context length below the model's")
     g.add_argument("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             max_queued_prompt_tokens=args.max_queued_prompt_tokens, client_id_metadata_key=args.client_id_metadata_key,
         )
         cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
-        sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                    policy=args.schedule_policy)
         limits_cfg = LimitsConfig(
             max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
             max_stop_strings=args.max_stop_strings, max_stop_string_length=args.max_stop_string_length,

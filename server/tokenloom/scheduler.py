@@ -1,6 +1,10 @@
 """Who runs this step: pure Python, no torch.
 
-The unit of scheduling is a request's `SequenceGroup`. Policy, in order:
+The unit of scheduling is a request's `SequenceGroup`. Under the default policy,
+prefill-first, a step in which prompt work is pending (a waiting request, or a
+running one still prefilling) computes prompt chunks only, passes 2 and 3 with the
+whole budget; the step after it always runs the decode rows, so they wait at most
+one step. Otherwise (and always under decode-first), in order:
 1. Decode rows (one token each) of running groups, oldest group first. A beam
    group's beams always run together. If the KV store cannot hold the new
    tokens, the newest running group is preempted: its blocks are freed and it
@@ -21,15 +25,24 @@ from .block_manager import BlockManager
 from .sequence import Sequence, SequenceGroup, Status
 
 
+POLICIES = ("prefill-first", "decode-first")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
     # Tokens computed in one step; a prompt chunk takes what the decode rows leave.
     max_num_batched_tokens: int = 512
+    # "prefill-first": a step with prompt work waiting computes only prompts (the decode rows wait
+    # one step, never two in a row), so a new request's first token is not queued behind every
+    # decoder; "decode-first": decode rows always run, prompts get the budget they leave.
+    policy: str = "prefill-first"
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every row decodes one token)")
 
@@ -65,6 +78,7 @@ class Scheduler:
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []  # in admission order, oldest first
         self.num_preemptions = 0
+        self._decodes_waited = False  # the last step was prompts only: this one runs the decode rows
 
     def add(self, group: SequenceGroup) -> None:
         group.status = Status.WAITING
@@ -83,6 +97,13 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.config.policy == "prefill-first" and not self._decodes_waited and self._prefill_pending():
+            budget = self._schedule_prefills(out, self.config.max_num_batched_tokens)
+            self._schedule_waiting(out, budget)
+            if out.chunks:
+                self._decodes_waited = True
+                return out
+        self._decodes_waited = False
         budget = self._schedule_decodes(out, self.config.max_num_batched_tokens)
         budget = self._schedule_prefills(out, budget)
         if not out.preempted:
@@ -92,6 +113,9 @@ class Scheduler:
             # so the others can go on next step.
             self._preempt(self.running[-1], out)
         return out
+
+    def _prefill_pending(self) -> bool:
+        return bool(self.waiting) or any(s.num_pending > 1 for g in self.running for s in g.seqs)
 
     # -- the three passes --------------------------------------------------------
 

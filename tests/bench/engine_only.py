@@ -49,7 +49,8 @@ def load(model_dir: Path, server_args: list[str]):
     runtime = load_runtime(
         spec,
         CacheConfig(kv_cache_tokens=a.kv_cache_tokens, block_size=a.block_size),
-        SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens),
+        SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                        policy=a.schedule_policy),
         LimitsConfig(max_new_tokens=a.max_new_tokens_limit, default_max_new_tokens=a.default_max_new_tokens,
                      max_stop_strings=a.max_stop_strings, max_stop_string_length=a.max_stop_string_length,
                      max_model_len=a.max_model_len, max_num_beams=a.max_num_beams,

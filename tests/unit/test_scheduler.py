@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tokenloom.block_manager import BlockManager
 from tokenloom.request import GenerationRequest, SamplingParams
-from tokenloom.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tokenloom.scheduler import POLICIES, Scheduler, SchedulerConfig, SchedulerOutput
 from tokenloom.sequence import Sequence, SequenceGroup, Status
 
 FIRST_FAKE_TOKEN = 100_000
@@ -46,8 +46,9 @@ class FakeEngine:
     """The engine's step loop without a model, checking what every step promises."""
 
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 seed: int = 0):
-        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                 seed: int = 0, policy: str = "prefill-first"):
+        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      policy=policy)
         self.blocks = BlockManager(num_blocks, block_size)
         self.sched = Scheduler(self.config, self.blocks)
         self.outputs: list[SchedulerOutput] = []
@@ -220,6 +221,11 @@ def step_alone(sched: Scheduler) -> SchedulerOutput:
 # Configuration
 
 
+def test_config_rejects_an_unknown_policy():
+    with pytest.raises(ValueError, match="unknown scheduling policy 'fastest'.*prefill-first"):
+        SchedulerConfig(policy="fastest")
+
+
 def test_config_rejects_a_token_budget_smaller_than_the_row_limit():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=7)
@@ -269,8 +275,8 @@ def test_a_prompt_exactly_the_budget_is_one_chunk():
     assert eng.chunks_of(eng.first_seq(group)) == [(0, 0, 16, True)]
 
 
-def test_a_long_prompt_never_stalls_the_decoding_rows():
-    eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=8)
+def test_decode_first_a_long_prompt_never_stalls_the_decoding_rows():
+    eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, policy="decode-first")
     decoders = [make_group(i, prompt_len=3, max_new_tokens=30) for i in range(3)]
     decoder_seqs = [g.seqs[0] for g in decoders]
     for group in decoders:
@@ -295,6 +301,30 @@ def test_a_long_prompt_never_stalls_the_decoding_rows():
     assert all(eng.outputs_of(g) == [expected_output(g)] for g in decoders + [long_prompt])
 
 
+def test_prefill_first_computes_a_new_prompt_alone_and_the_decoders_the_step_after():
+    eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=8)
+    decoders = [make_group(i, prompt_len=3, max_new_tokens=30) for i in range(3)]
+    decoder_seqs = [g.seqs[0] for g in decoders]
+    for group in decoders:
+        eng.add(group)
+    eng.step()
+    eng.step()  # the third prompt's last token; then all three decode
+    assert [c.seq for c in eng.step().chunks] == decoder_seqs
+    long_prompt = make_group(9, prompt_len=40, max_new_tokens=2)
+    eng.add(long_prompt)
+    shapes = []
+    while long_prompt.seqs[0].num_pending > 1 or not shapes:
+        out = eng.step()
+        shapes.append([(c.seq.seq_id, c.num_tokens) for c in out.chunks])
+    # Prompt-only steps with the whole budget, each followed by a step of the decoders (which
+    # take 3 of the budget) plus the next 5 prompt tokens: the decoders never wait two steps.
+    prompt_only, mixed = [(9, 8)], [(0, 1), (1, 1), (2, 1), (9, 5)]
+    assert shapes == [prompt_only, mixed, prompt_only, mixed, prompt_only, mixed][:len(shapes)]
+    assert sum(n for shape in shapes for seq_id, n in shape if seq_id == 9) == 39
+    eng.run(max_steps=200)
+    assert all(eng.outputs_of(g) == [expected_output(g)] for g in decoders + [long_prompt])
+
+
 def test_decode_rows_are_scheduled_before_a_new_prompt():
     # A prompt that arrives while others decode gets only the budget they leave.
     eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=4)
@@ -308,10 +338,10 @@ def test_decode_rows_are_scheduled_before_a_new_prompt():
     assert [(ch.seq, ch.num_tokens) for ch in out.chunks] == [(a.seqs[0], 1), (b.seqs[0], 1), (c.seqs[0], 2)]
 
 
-def test_decodes_of_every_running_group_come_before_any_running_prompt_chunk():
+def test_decode_first_decodes_of_every_running_group_come_before_any_running_prompt_chunk():
     # `late` is admitted mid-prefill; `old` decodes. Next step, old's decode row is scheduled before
     # late's next chunk even though both groups are running, and late's chunk takes what is left.
-    eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=8)
+    eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=8, policy="decode-first")
     old = make_group(0, 6, 20)
     eng.add(old)
     eng.step()
@@ -763,16 +793,17 @@ def workloads(draw):
     min_blocks = max(-(-(p + m) // block_size) * max(s, b) for p, m, s, b in groups)
     num_blocks = draw(st.integers(min_blocks, min_blocks * 3))
     arrivals = [draw(st.integers(0, 10)) for _ in range(n)]
-    return block_size, max_num_seqs, budget, num_blocks, groups, arrivals, draw(st.integers(0, 2**16))
+    policy = draw(st.sampled_from(POLICIES))
+    return block_size, max_num_seqs, budget, num_blocks, groups, arrivals, draw(st.integers(0, 2**16)), policy
 
 
 # Derandomized: the examples are the same on every run, so a failure here is reproducible.
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(workloads())
 def test_random_workloads_finish_every_sequence_with_exactly_its_tokens(workload):
-    block_size, max_num_seqs, budget, num_blocks, specs, arrivals, seed = workload
+    block_size, max_num_seqs, budget, num_blocks, specs, arrivals, seed, policy = workload
     eng = FakeEngine(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=budget, seed=seed)
+                     max_num_batched_tokens=budget, seed=seed, policy=policy)
     groups = [make_group(i, p, m, n=s, num_beams=b) for i, (p, m, s, b) in enumerate(specs)]
     for group in groups:
         params = group.request.params
