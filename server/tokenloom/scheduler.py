@@ -1,10 +1,10 @@
 """Who runs this step: pure Python, no torch.
 
 The unit of scheduling is a request's `SequenceGroup`. Under the default policy,
-prefill-first, a step in which prompt work is pending (a waiting request, or a
-running one still prefilling) computes prompt chunks only, passes 2 and 3 with the
-whole budget; the step after it always runs the decode rows, so they wait at most
-one step. Otherwise (and always under decode-first), in order:
+prefill-first, while prompt work is pending (a waiting request, or a running one
+still prefilling) and rows are decoding, prompt steps (passes 2 and 3 in the budget
+the decode rows leave) and decode steps (pass 1 alone) take turns: a new prompt
+starts at the next step, and the decoders wait for one step of at most one chunk. Otherwise (and always under decode-first), in order:
 1. Decode rows (one token each) of running groups, oldest group first. A beam
    group's beams always run together. If the KV store cannot hold the new
    tokens, the newest running group is preempted: its blocks are freed and it
@@ -33,9 +33,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Tokens computed in one step; a prompt chunk takes what the decode rows leave.
     max_num_batched_tokens: int = 512
-    # "prefill-first": a step with prompt work waiting computes only prompts (the decode rows wait
-    # one step, never two in a row), so a new request's first token is not queued behind every
-    # decoder; "decode-first": decode rows always run, prompts get the budget they leave.
+    # "prefill-first": prompt steps and decode steps take turns while both have work, so a new
+    # request's first token is not computed beside every decoder; "decode-first": decode rows run
+    # every step and prompts get the budget they leave.
     policy: str = "prefill-first"
 
     def __post_init__(self):
@@ -97,14 +97,25 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        if self.config.policy == "prefill-first" and not self._decodes_waited and self._prefill_pending():
-            budget = self._schedule_prefills(out, self.config.max_num_batched_tokens)
-            self._schedule_waiting(out, budget)
-            if out.chunks:
-                self._decodes_waited = True
-                return out
+        budget = self.config.max_num_batched_tokens
+        decodes_turn = False
+        if self.config.policy == "prefill-first" and self._prefill_pending():
+            # Prompt steps and decode steps take turns while both have work. A prompt step leaves
+            # the decoders' share of the budget unused, so the one step they wait for is never
+            # longer than a step that would have held them too.
+            if not self._decodes_waited:
+                decoding = self._decode_rows()
+                budget = self._schedule_prefills(out, budget - decoding)
+                self._schedule_waiting(out, budget)
+                if out.chunks:
+                    self._decodes_waited = decoding > 0
+                    return out
+                budget = self.config.max_num_batched_tokens
+            decodes_turn = self._decodes_waited
         self._decodes_waited = False
-        budget = self._schedule_decodes(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_decodes(out, budget)
+        if decodes_turn and out.chunks:
+            return out
         budget = self._schedule_prefills(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
@@ -113,6 +124,9 @@ class Scheduler:
             # so the others can go on next step.
             self._preempt(self.running[-1], out)
         return out
+
+    def _decode_rows(self) -> int:
+        return sum(1 for g in self.running for s in g.seqs if s.num_pending == 1)
 
     def _prefill_pending(self) -> bool:
         return bool(self.waiting) or any(s.num_pending > 1 for g in self.running for s in g.seqs)

@@ -234,7 +234,8 @@ class Bench:
         chunk = workload.Request(-101, workload.prompt_ids(rng, self.tokenizer, chunk_tokens), 1, "greedy")
         tqdm.write(f"probe: a 512-token prompt joining {len(decoders)} decoding streams "
                    f"(--max-num-batched-tokens {chunk_tokens})")
-        self.probes["chunked_prefill"] = probes.chunked_prefill(address, decoders, long, chunk)
+        self.probes["chunked_prefill"] = probes.chunked_prefill(address, decoders, long, chunk,
+                                                                repeats=1 if a.quick else 3)
 
     # -- in this process -----------------------------------------------------------------------
 

@@ -56,7 +56,8 @@ def check(runs: list[dict], probes: dict, memory: dict) -> list[dict]:
     name = "a 512-token prompt delays decoding streams by ≤ one prefill chunk"
     out.append(_target(name, None, "not measured") if not chunk else _target(
         name, chunk["delay_ms"] <= chunk["lone_chunk_ms"],
-        f"+{chunk['delay_ms']:.0f} ms over a {chunk['normal_gap_ms']:.0f} ms gap ({chunk['decoders']} streams); "
+        f"+{chunk['delay_ms']:.0f} ms over a {chunk['normal_gap_ms']:.0f} ms gap ({chunk['decoders']} streams; "
+        f"median of {len(chunk.get('delays_ms', [0]))} arrivals: {chunk.get('delays_ms', '')}); "
         f"one {chunk['chunk_tokens']}-token chunk alone {chunk['lone_chunk_ms']:.0f} ms"))
 
     loaded, unloaded = _find(runs, "tokenloom", TARGET_STREAMS), probes.get("unloaded_ttft")

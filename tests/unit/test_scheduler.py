@@ -301,7 +301,7 @@ def test_decode_first_a_long_prompt_never_stalls_the_decoding_rows():
     assert all(eng.outputs_of(g) == [expected_output(g)] for g in decoders + [long_prompt])
 
 
-def test_prefill_first_computes_a_new_prompt_alone_and_the_decoders_the_step_after():
+def test_prefill_first_prompt_steps_and_decode_steps_take_turns():
     eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=8)
     decoders = [make_group(i, prompt_len=3, max_new_tokens=30) for i in range(3)]
     decoder_seqs = [g.seqs[0] for g in decoders]
@@ -313,21 +313,21 @@ def test_prefill_first_computes_a_new_prompt_alone_and_the_decoders_the_step_aft
     long_prompt = make_group(9, prompt_len=40, max_new_tokens=2)
     eng.add(long_prompt)
     shapes = []
-    while long_prompt.seqs[0].num_pending > 1 or not shapes:
+    while long_prompt.seqs[0].num_computed < 40:
         out = eng.step()
         shapes.append([(c.seq.seq_id, c.num_tokens) for c in out.chunks])
-    # Prompt-only steps with the whole budget, each followed by a step of the decoders (which
-    # take 3 of the budget) plus the next 5 prompt tokens: the decoders never wait two steps.
-    prompt_only, mixed = [(9, 8)], [(0, 1), (1, 1), (2, 1), (9, 5)]
-    assert shapes == [prompt_only, mixed, prompt_only, mixed, prompt_only, mixed][:len(shapes)]
-    assert sum(n for shape in shapes for seq_id, n in shape if seq_id == 9) == 39
+    # Prompt steps and decode steps take turns: the decoders never wait two steps, and a prompt
+    # step holds at most the 5 tokens the 3 decoders leave of the budget of 8, so the step they
+    # wait for is no longer than one they would have shared.
+    prompt_only, decode_only = [(9, 5)], [(0, 1), (1, 1), (2, 1)]
+    assert shapes == [prompt_only, decode_only] * 7 + [prompt_only]
     eng.run(max_steps=200)
     assert all(eng.outputs_of(g) == [expected_output(g)] for g in decoders + [long_prompt])
 
 
-def test_decode_rows_are_scheduled_before_a_new_prompt():
+def test_decode_first_decode_rows_are_scheduled_before_a_new_prompt():
     # A prompt that arrives while others decode gets only the budget they leave.
-    eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=4)
+    eng = FakeEngine(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=4, policy="decode-first")
     a, b = make_group(0, 2, 20), make_group(1, 2, 20)
     eng.add(a)
     eng.add(b)
