@@ -27,14 +27,15 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def rows_bucket(rows: int) -> int:
-    """The row count a linear call is padded to: exact up to 32, then 8 steps per doubling.
+    """The row count a linear call is padded to: exact up to 32, then 16 steps per doubling.
 
     oneDNN builds (and caches, up to 1024) one primitive per input shape, ~0.2 MB each; with a
     row count that changes every step the process grew by ~125 MiB over a 20,000-request soak.
-    Buckets bound the shapes to ~70 per weight shape, for at most 12.5 % padded rows."""
+    Buckets bound the shapes to ~100 per weight shape up to 512 rows, for at most 6.25 % padded
+    rows (8 steps per doubling padded a 481-token prompt step to 512 rows)."""
     if rows <= 32:
         return rows
-    step = 1 << (rows.bit_length() - 4)
+    step = 1 << (rows.bit_length() - 5)
     return -(-rows // step) * step
 
 
