@@ -30,15 +30,18 @@ from results import RequestResult
 from workload import Request
 
 
-def load_model(model_dir: Path):
+def load_model(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
+    """The model the server runs, on the server's --device in its --dtype."""
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "auto")
     if not any(Path(model_dir).glob("*.safetensors")):  # config only: what the server loads with --load-format dummy
         from transformers import AutoConfig
 
         from tokenloom.models import dummy_model
 
-        return dummy_model(AutoConfig.from_pretrained(model_dir, local_files_only=True)).eval()
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, local_files_only=True).eval()
+        model = dummy_model(AutoConfig.from_pretrained(model_dir, local_files_only=True), torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
+    return model.to(device).eval()
 
 
 class _StepTimes(BaseStreamer):
@@ -70,7 +73,7 @@ def warm_up(model, batch_sizes: list[int]) -> None:
     """First-call costs (allocator growth, kernel selection) paid before any timing, per batch size."""
     pad = _pad_id(model)
     for b in sorted(set(batch_sizes)):
-        ids = torch.full((b, 16), 1000)
+        ids = torch.full((b, 16), 1000, device=model.device)
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
                        do_sample=False, pad_token_id=pad)
 
@@ -83,7 +86,7 @@ def sequential(model, requests: list[Request], budget_s: float, progress) -> tup
     for req in requests:
         if results and time.perf_counter() - t0 > budget_s:
             break
-        ids = torch.tensor([req.prompt_ids])
+        ids = torch.tensor([req.prompt_ids], device=model.device)
         n = req.max_new_tokens
         kwargs = {"max_new_tokens": n, "min_new_tokens": n, "pad_token_id": pad, "attention_mask": torch.ones_like(ids)}
         if req.mode == "sampled":
@@ -117,8 +120,9 @@ def static(model, requests: list[Request], batch_size: int, budget_s: float, pro
             break
         batch = requests[first:first + batch_size]
         width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
+                            device=model.device)
         steps = max(r.max_new_tokens for r in batch)
         start = time.perf_counter()
         lengths = [r.max_new_tokens for r in batch]
@@ -157,9 +161,9 @@ def _cb_config(requests: list[Request], concurrency: int, max_batch_tokens: int)
 
 @torch.inference_mode()
 def continuous(model_dir: Path, requests: list[Request], concurrency: int, max_batch_tokens: int,
-               budget_s: float, progress) -> tuple:
+               budget_s: float, progress, device: str = "cpu", dtype: str = "float32") -> tuple:
     """Returns (results, t0, t1, CPU seconds of this process between t0 and t1)."""
-    model = load_model(model_dir)  # a model of its own: the manager changes its attention setup
+    model = load_model(model_dir, device, dtype)  # a model of its own: the manager changes its attention setup
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in requests),
                            eos_token_id=model.generation_config.eos_token_id, pad_token_id=_pad_id(model))
     cfg = _cb_config(requests, concurrency, max_batch_tokens)

@@ -262,7 +262,7 @@ class Bench:
         import baselines
 
         a = self.args
-        model = baselines.load_model(self.model_dir)
+        model = baselines.load_model(self.model_dir, self.server_flag("device"), self.server_flag("dtype"))
         levels = [c for c in sorted(a.concurrency) if c > 1]
         baselines.warm_up(model, [1] + levels)
         if "sequential" not in a.skip:
@@ -289,8 +289,9 @@ class Bench:
             for c in levels:
                 reqs = self.requests[:level_size(a, c)]
                 with self.bar(f"transformers continuous batching c={c}", reqs) as bar:
-                    results, t0, t1, cpu_s = baselines.continuous(self.model_dir, reqs, c, budget_tokens,
-                                                                  a.continuous_budget, bar.update)
+                    results, t0, t1, cpu_s = baselines.continuous(
+                        self.model_dir, reqs, c, budget_tokens, a.continuous_budget, bar.update,
+                        self.server_flag("device"), self.server_flag("dtype"))
                 self.record("hf_continuous", c, results, t0, t1, cpu_s)
                 gc.collect()
 
