@@ -176,7 +176,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None,
 
     # Too late if huggingface_hub is already imported (it reads this once), hence local_files_only too.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    dtype = _torch_dtype(spec.dtype)
+    dtype = torch_dtype(spec.dtype)
     name, path = _resolve(spec, log)
     common = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
     start = time.perf_counter()
@@ -214,7 +214,7 @@ def dummy_model(config, dtype: Any = torch.float32, trust_remote_code: bool = Fa
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
 
 
-def _torch_dtype(dtype: str) -> Any:
+def torch_dtype(dtype: str) -> Any:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

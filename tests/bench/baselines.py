@@ -32,7 +32,9 @@ from workload import Request
 
 def load_model(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
     """The model the server runs, on the server's --device in its --dtype."""
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "auto")
+    from tokenloom.models import torch_dtype as parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
     if not any(Path(model_dir).glob("*.safetensors")):  # config only: what the server loads with --load-format dummy
         from transformers import AutoConfig
 
