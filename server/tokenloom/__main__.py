@@ -9,11 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from .admission import AdmissionConfig
+from .front.admission import AdmissionConfig
 from .fault import FaultPlan
 from .metrics import MetricsConfig
-from .models import ModelSpec
-from .scheduler import SchedulerConfig
+from .executor.models import ModelSpec
+from .engine.scheduler import SchedulerConfig
 from .server import CacheConfig, LimitsConfig, ServerConfig, load_runtime, serve
 
 

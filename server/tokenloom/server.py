@@ -13,21 +13,22 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import attention, cpu_linear, decode_kernel, servicer
-from .admission import Admission, AdmissionConfig
-from .auth import BearerTokenInterceptor
-from .block_manager import BlockManager
-from .engine import Engine
+from .executor import attention, cpu_linear, decode_kernel
+from .front import servicer
+from .front.admission import Admission, AdmissionConfig
+from .front.auth import BearerTokenInterceptor
+from .engine.block_manager import BlockManager
+from .engine.engine import Engine
 from .fault import FaultPlan
-from .kv_cache import KVCache, KVShape
+from .executor.kv_cache import KVCache, KVShape
 from .metrics import Metrics, MetricsConfig
-from .model_runner import ModelRunner
-from .models import LoadedModel, ModelSpec, load_model
-from .preprocessor import Preprocessor
+from .executor.model_runner import ModelRunner
+from .executor.models import LoadedModel, ModelSpec, load_model
+from .front.preprocessor import Preprocessor
 from .request import FinishReason, GenerationRequest, SamplingParams, TokenEvent
-from .scheduler import Scheduler, SchedulerConfig
-from .stream import StreamHub
-from .validation import Limits
+from .engine.scheduler import Scheduler, SchedulerConfig
+from .front.stream import StreamHub
+from .front.validation import Limits
 
 log = logging.getLogger(__name__)
 

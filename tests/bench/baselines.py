@@ -32,13 +32,13 @@ from workload import Request
 
 def load_model(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
     """The model the server runs, on the server's --device in its --dtype."""
-    from tokenloom.models import torch_dtype as parse_dtype
+    from tokenloom.executor.models import torch_dtype as parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if not any(Path(model_dir).glob("*.safetensors")):  # config only: what the server loads with --load-format dummy
         from transformers import AutoConfig
 
-        from tokenloom.models import dummy_model
+        from tokenloom.executor.models import dummy_model
 
         model = dummy_model(AutoConfig.from_pretrained(model_dir, local_files_only=True), torch_dtype)
     else:

@@ -38,8 +38,8 @@ class _Timed:
 def load(model_dir: Path, server_args: list[str]):
     """A warmed-up `Runtime` configured exactly as `python -m tokenloom --model DIR ARGS` would be."""
     from tokenloom.__main__ import parser
-    from tokenloom.models import ModelSpec
-    from tokenloom.scheduler import SchedulerConfig
+    from tokenloom.executor.models import ModelSpec
+    from tokenloom.engine.scheduler import SchedulerConfig
     from tokenloom.server import CacheConfig, LimitsConfig, load_runtime
 
     a = parser().parse_args(["--model", str(model_dir), *server_args])
@@ -93,8 +93,8 @@ class EngineDriver:
                     self._done.put(event.request_id)
 
     def _submit(self, req: Request) -> None:
-        from tokenloom.preprocessor import UserInput
-        from tokenloom.validation import RawParams
+        from tokenloom.front.preprocessor import UserInput
+        from tokenloom.front.validation import RawParams
 
         request = self.runtime.preprocessor(UserInput(input_ids=req.prompt_ids), RawParams(**req.sdk_params()))
         with self._lock:

@@ -99,7 +99,7 @@ def _noop(_: int) -> None:
 
 class Bench:
     def __init__(self, args):
-        from tokenloom.models import ensure_default_model
+        from tokenloom.executor.models import ensure_default_model
         from transformers import AutoTokenizer
 
         self.args = args

@@ -43,7 +43,7 @@ def _time_attention():
     function up by name at every layer call)."""
     import transformers
 
-    from tokenloom import attention
+    from tokenloom.executor import attention
 
     timer = _Total()
     transformers.AttentionInterface.register(attention.ATTENTION_NAME, _Counted(timer, attention.paged_attention))
@@ -73,9 +73,9 @@ def main(argv=None) -> None:
     import torch
 
     import engine_only
-    from tokenloom.models import ensure_default_model
-    from tokenloom.preprocessor import UserInput
-    from tokenloom.validation import RawParams
+    from tokenloom.executor.models import ensure_default_model
+    from tokenloom.front.preprocessor import UserInput
+    from tokenloom.front.validation import RawParams
 
     model_dir = ensure_default_model() if args.model == "default" else Path(args.model)
     server_args = ["--max-num-seqs", str(max(args.rows, 64)), *args.server_args.split()]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tokenloom import cpu_linear
+from tokenloom.executor import cpu_linear
 
 
 @pytest.mark.skipif(not cpu_linear.available(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch")

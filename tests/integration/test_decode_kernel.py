@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenloom import attention, decode_kernel
+from tokenloom.executor import attention, decode_kernel
 
 kernel = decode_kernel.load()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the kernel could not be built here (see the log)")

@@ -8,12 +8,12 @@ import pytest
 
 from hf_reference import hf_generate
 from tiny_models import KINDS
-from tokenloom.models import ModelSpec
+from tokenloom.executor.models import ModelSpec
 from tokenloom.request import GenerationOutput
-from tokenloom.scheduler import SchedulerConfig
+from tokenloom.engine.scheduler import SchedulerConfig
 from tokenloom.server import CacheConfig, LimitsConfig, load_runtime
-from tokenloom.validation import RawParams
-from tokenloom.preprocessor import UserInput
+from tokenloom.front.validation import RawParams
+from tokenloom.front.preprocessor import UserInput
 
 
 class Harness:

@@ -93,7 +93,7 @@ def test_a_beam_4_request_among_16_sampled_streams_takes_4_rows_per_step(tiny_di
 
 def test_scoring_rows_preempted_by_a_full_store_still_give_the_formula(tiny_dirs, hf_models):
     from hf_reference import sequence_logprob
-    from tokenloom.preprocessor import UserInput
+    from tokenloom.front.preprocessor import UserInput
     from tokenloom.request import GenerationOutput
 
     model, _ = hf_models(tiny_dirs["llama"])

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import T5Config
 
-import tokenloom.models as models
+import tokenloom.executor.models as models
 from tiny_models import KINDS, build_tiny_model, default_model_dir
-from tokenloom.models import DEFAULT_MODEL, ModelSpec, ensure_default_model, load_model
+from tokenloom.executor.models import DEFAULT_MODEL, ModelSpec, ensure_default_model, load_model
 
 QUIET = {"log": lambda message: None}
 

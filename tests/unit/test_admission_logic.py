@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tokenloom.admission import Admission, AdmissionConfig, Closed, Rejected, client_identity, peer_host
+from tokenloom.front.admission import Admission, AdmissionConfig, Closed, Rejected, client_identity, peer_host
 
 
 def run(coro):
@@ -291,7 +291,7 @@ def test_client_identity_prefers_the_metadata_key_then_the_peer_host():
 
 def test_the_window_reading_agrees_with_asyncio_throttle_itself():
     """admission.py reads the throttler's log; if asyncio-throttle changes it, this fails first."""
-    from tokenloom.admission import _WindowThrottler
+    from tokenloom.front.admission import _WindowThrottler
 
     async def go():
         throttler = _WindowThrottler(2, 0.3)

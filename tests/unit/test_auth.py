@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenloom.auth import MALFORMED, MISSING, REJECTED, BearerTokenInterceptor, check, is_open
+from tokenloom.front.auth import MALFORMED, MISSING, REJECTED, BearerTokenInterceptor, check, is_open
 
 TOKEN = b"s3cret-token"
 

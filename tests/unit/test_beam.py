@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 from transformers.utils import logging as hf_logging
 
-from tokenloom.beam import BeamParams, BeamSearch, Hypothesis
+from tokenloom.engine.beam_search import BeamParams, BeamSearch, Hypothesis
 
 VOCAB = 96
 PAD = VOCAB - 1

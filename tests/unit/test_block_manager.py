@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenloom.block_manager import BlockManager, OutOfBlocks
+from tokenloom.engine.block_manager import BlockManager, OutOfBlocks
 
 
 def test_rejects_an_empty_pool():

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenloom.detokenizer import IncrementalDetokenizer
+from tokenloom.engine.detokenizer import IncrementalDetokenizer
 
 REPLACEMENT = "\ufffd"
 
@@ -32,7 +32,7 @@ TEXTS = [
 def tok():
     from transformers import AutoTokenizer
 
-    from tokenloom.models import ensure_default_model
+    from tokenloom.executor.models import ensure_default_model
 
     return AutoTokenizer.from_pretrained(ensure_default_model())
 

@@ -1,6 +1,6 @@
 """When the engine gives freed heap back: on going idle (rate-limited) and periodically under load."""
 
-from tokenloom.heap import HeapTrimmer
+from tokenloom.engine.heap import HeapTrimmer
 
 
 class Clock:

@@ -29,9 +29,9 @@ from transformers.generation.logits_process import (
     _get_ngrams,
 )
 
-from tokenloom.logits_processors import RowContext, apply_penalties, banned_ngram_tokens
+from tokenloom.executor.logits_processors import RowContext, apply_penalties, banned_ngram_tokens
 from tokenloom.request import SamplingParams
-from tokenloom.sampler import RowRandom, SampleRow, Sampler
+from tokenloom.executor.sampler import RowRandom, SampleRow, Sampler
 
 VOCAB = 257
 

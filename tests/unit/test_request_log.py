@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 
 from tokenloom.request import FinishReason, TokenEvent
-from tokenloom.request_log import RequestRecord
+from tokenloom.front.request_log import RequestRecord
 
 
 def fields(line: str) -> dict[str, str]:

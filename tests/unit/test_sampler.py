@@ -20,9 +20,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tokenloom.logits_processors import RowContext
+from tokenloom.executor.logits_processors import RowContext
 from tokenloom.request import SamplingParams
-from tokenloom.sampler import RowRandom, SampleRow, Sampler
+from tokenloom.executor.sampler import RowRandom, SampleRow, Sampler
 
 VOCAB = 97
 

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenloom.block_manager import BlockManager
+from tokenloom.engine.block_manager import BlockManager
 from tokenloom.request import GenerationRequest, SamplingParams
-from tokenloom.scheduler import POLICIES, Scheduler, SchedulerConfig, SchedulerOutput
-from tokenloom.sequence import Sequence, SequenceGroup, Status
+from tokenloom.engine.scheduler import POLICIES, Scheduler, SchedulerConfig, SchedulerOutput
+from tokenloom.engine.sequence import Sequence, SequenceGroup, Status
 
 FIRST_FAKE_TOKEN = 100_000
 SAMPLE_STRIDE = 1_000  # sample (or beam slot) i emits FIRST_FAKE_TOKEN + i * SAMPLE_STRIDE + k as token k

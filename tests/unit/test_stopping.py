@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenloom.request import FinishReason
-from tokenloom.stopping import check_stop
+from tokenloom.engine.stopping import check_stop
 
 EOS = 2
 EOS_IDS = frozenset({EOS, 7})

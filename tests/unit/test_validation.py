@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenloom.validation import (
+from tokenloom.front.validation import (
     InvalidArgument,
     Limits,
     RawParams,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .request import FinishReason, GenerationRequest
+from ..request import FinishReason, GenerationRequest
 
 
 class Status(enum.Enum):

@@ -14,13 +14,13 @@ import time
 from collections import deque
 from typing import Callable
 
-from .fault import FaultPlan
+from ..fault import FaultPlan
 from .generation import Generation
 from .heap import HeapTrimmer
-from .metrics import Metrics
-from .model_runner import ModelRunner, RunnerOutput
-from .request import FinishReason, GenerationRequest, TokenEvent
-from .sampler import Sampler
+from ..metrics import Metrics
+from ..executor.model_runner import ModelRunner, RunnerOutput
+from ..request import FinishReason, GenerationRequest, TokenEvent
+from ..executor.sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import SequenceGroup
 

@@ -11,9 +11,9 @@ import asyncio
 import time
 from typing import AsyncIterator
 
-from .engine import Engine
-from .metrics import Metrics
-from .request import GenerationRequest, TokenEvent
+from ..engine.engine import Engine
+from ..metrics import Metrics
+from ..request import GenerationRequest, TokenEvent
 
 
 class StreamHub:

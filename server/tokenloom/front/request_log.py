@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from .request import TokenEvent
+from ..request import TokenEvent
 
 log = logging.getLogger("tokenloom.requests")
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .beam import BeamParams, BeamSearch
+from .beam_search import BeamParams, BeamSearch
 from .detokenizer import IncrementalDetokenizer
-from .logits_processors import RowContext
-from .request import FinishReason, Hypothesis, TokenEvent, TopToken
-from .sampler import RowRandom, RowResult, SampleRow
+from ..executor.logits_processors import RowContext
+from ..request import FinishReason, Hypothesis, TokenEvent, TopToken
+from ..executor.sampler import RowRandom, RowResult, SampleRow
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceGroup
 from .stopping import check_stop

@@ -12,7 +12,7 @@ import torch
 
 from .attention import AttentionBatch, PrefillSegment
 from .kv_cache import KVCache
-from .scheduler import ScheduledChunk, SchedulerOutput
+from ..engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .logits_processors import RowContext, apply_penalties
-from .request import SamplingParams
+from ..request import SamplingParams
 
 
 @dataclass

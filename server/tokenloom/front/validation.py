@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .request import SamplingParams
+from ..request import SamplingParams
 
 
 MAX_LENGTH_PENALTY = 10.0

@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .request import GenerationRequest, SamplingParams
+from ..request import GenerationRequest, SamplingParams
 from .validation import (
     InvalidArgument,
     Limits,

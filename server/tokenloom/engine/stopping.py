@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .request import FinishReason
+from ..request import FinishReason
 
 
 def check_stop(
