@@ -10,6 +10,14 @@ import enum
 from dataclasses import dataclass, field
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine is stopping or its thread has died: it takes no new requests."""
+
+
+class RequestTooLarge(ValueError):
+    """The request can never fit in the KV store."""
+
+
 class FinishReason(enum.Enum):
     EOS = "eos"
     LENGTH = "length"

@@ -19,7 +19,7 @@ from .generation import Generation
 from .heap import HeapTrimmer
 from ..metrics import Metrics
 from ..executor.model_runner import ModelRunner, RunnerOutput
-from ..request import FinishReason, GenerationRequest, TokenEvent
+from ..request import EngineUnavailable, FinishReason, GenerationRequest, RequestTooLarge, TokenEvent
 from ..executor.sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import SequenceGroup
@@ -28,14 +28,6 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[list[TokenEvent]], None]
 OnExit = Callable[[BaseException | None], None]
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is stopping or its thread has died: it takes no new requests."""
-
-
-class RequestTooLarge(ValueError):
-    """The request can never fit in the KV store."""
 
 
 class Engine:

@@ -14,9 +14,11 @@ from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
 
 from .admission import Admission, AdmissionConfig, Closed, Rejected, Ticket, client_identity
-from ..engine.engine import EngineUnavailable, RequestTooLarge
 from .preprocessor import Preprocessor, UserInput
-from ..request import FinishReason, GenerationOutput, GenerationRequest, Hypothesis, TokenEvent, TopToken
+from ..request import (
+    EngineUnavailable, FinishReason, GenerationOutput, GenerationRequest, Hypothesis, RequestTooLarge, TokenEvent,
+    TopToken,
+)
 from .request_log import RequestRecord
 from .stream import StreamHub
 from .validation import InvalidArgument, RawParams

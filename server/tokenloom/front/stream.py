@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
-from ..engine.engine import Engine
 from ..metrics import Metrics
 from ..request import GenerationRequest, TokenEvent
+
+
+class EngineInbox(Protocol):
+    """What the hub needs of the engine: take a request in, drop one."""
+
+    def submit(self, request: GenerationRequest) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
 
 
 class StreamHub:
@@ -22,7 +29,7 @@ class StreamHub:
         self.metrics = metrics or Metrics()
         # Each event travels with the time its step reached the loop.
         self._queues: dict[str, asyncio.Queue[tuple[float, TokenEvent]]] = {}
-        self.engine: Engine | None = None
+        self.engine: EngineInbox | None = None
 
     def publish(self, events: list[TokenEvent]) -> None:
         """Called from the engine thread."""
@@ -70,7 +77,3 @@ class StreamHub:
                 self.metrics.tokens(prompt=len(request.prompt_ids), generated=generated)
             if not finished:
                 self.engine.abort(request.request_id)
-
-    @property
-    def num_open(self) -> int:
-        return len(self._queues)
