@@ -37,7 +37,7 @@ class TopToken:
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """One returned sequence of a request that returns several (beams or n samples)."""
+    """One returned sequence of a request; a result lists every one (num_return_sequences of them)."""
 
     token_ids: list[int]
     text: str
@@ -54,6 +54,7 @@ class StreamChunk:
     With `num_return_sequences` samples, `index` says which sample the chunk extends.
     Beam search streams no text: each chunk carries the best hypothesis so far
     (`provisional`), and the last one the n best, `hypotheses[0]` also as token_ids/text.
+    The last chunk of every request lists every returned sequence in `hypotheses`.
     """
 
     request_id: str

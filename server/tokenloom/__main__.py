@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 from .front.admission import AdmissionConfig
+from .front.validation import Limits
 from .fault import FaultPlan
 from .metrics import MetricsConfig
 from .executor.models import ModelSpec
 from .engine.scheduler import SchedulerConfig
-from .server import CacheConfig, LimitsConfig, ServerConfig, load_runtime, serve
+from .server import CacheConfig, ServerConfig, load_runtime, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
                         "reflection (default: $TOKENLOOM_AUTH_TOKEN if set; else no authentication)")
     p.add_argument("--inject-fault", action="append", metavar="KIND=SEED", default=None,
                    help="FOR TESTS ONLY: make requests with this sampling seed fail; KIND is sample-error "
-                        "(their sampling raises after 2 tokens) or engine-death (admitting one kills the engine)")
+                        "(their own step raises after 2 tokens) or engine-death (admitting one kills the engine)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="INFO logs one line per finished request (logger tokenloom.requests)")
     return p
@@ -131,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
         sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                     policy=args.schedule_policy)
-        limits_cfg = LimitsConfig(
+        limits = Limits(
             max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
             max_stop_strings=args.max_stop_strings, max_stop_string_length=args.max_stop_string_length,
             max_model_len=args.max_model_len, max_num_beams=args.max_num_beams,
             max_num_return_sequences=args.max_num_return_sequences,
         )
         faults = FaultPlan.parse(args.inject_fault)
-        runtime = load_runtime(spec, cache_cfg, sched_cfg, limits_cfg)
+        runtime = load_runtime(spec, cache_cfg, sched_cfg, limits)
     except ValueError as exc:
         print(f"tokenloom: {exc}", file=sys.stderr)
         return 2

@@ -3,22 +3,33 @@ request fails only that request, and that a dead engine ends every open stream.
 
 A fault is aimed at the requests whose sampling `seed` equals the one named in the flag, so a
 test picks its victim by the seed it sends. Off unless the flag is given; never on by default.
+The plan wraps the engine's choice of a request's mode (`FaultPlan.wrap(generation.start)`), so
+the engine's own step carries no fault hooks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .engine.generation import Generation, GenerationContext
+from .engine.scheduler import ScheduledChunk
+from .engine.sequence import SequenceGroup
+
 KINDS = ("sample-error", "engine-death")
 
 
 class InjectedFault(RuntimeError):
-    """Raised where a fault was asked for."""
+    """Raised in one request's own bookkeeping: that request fails alone."""
+
+
+class InjectedEngineDeath(BaseException):
+    """Raised on admission, past the engine's per-request handling (which catches `Exception`
+    only), as a bug in the engine itself would: the engine thread dies."""
 
 
 @dataclass(frozen=True)
 class FaultPlan:
-    # A request with this seed raises in its own sampling once it has this many tokens.
+    # A request with this seed raises in its own step once it has this many tokens.
     sample_error_seed: int | None = None
     sample_error_after: int = 2
     # Admitting a request with this seed kills the engine thread.
@@ -30,8 +41,9 @@ class FaultPlan:
         fields: dict[str, int] = {}
         for spec in specs or ():
             kind, _, seed = spec.partition("=")
-            if kind not in KINDS or not seed.lstrip("-").isdigit():
-                raise ValueError(f"--inject-fault takes KIND=SEED with KIND one of {', '.join(KINDS)}; got {spec!r}")
+            if kind not in KINDS or not seed.isdigit():
+                raise ValueError(f"--inject-fault takes KIND=SEED with KIND one of {', '.join(KINDS)} and SEED a "
+                                 f"non-negative integer; got {spec!r}")
             fields[kind.replace("-", "_") + "_seed"] = int(seed)
         return cls(**fields)
 
@@ -39,10 +51,27 @@ class FaultPlan:
     def active(self) -> bool:
         return self.sample_error_seed is not None or self.engine_death_seed is not None
 
-    def on_sampling(self, seed: int | None, num_generated: int, request_id: str) -> None:
-        if seed is not None and seed == self.sample_error_seed and num_generated >= self.sample_error_after:
-            raise InjectedFault(f"injected fault in the sampling of request {request_id}")
+    def wrap(self, start):
+        """`start` (the engine's mode factory) with this plan's faults aimed at their seeds."""
+        if not self.active:
+            return start
 
-    def on_admit(self, seed: int | None, request_id: str) -> None:
-        if seed is not None and seed == self.engine_death_seed:
-            raise InjectedFault(f"injected engine death on admitting request {request_id}")
+        def faulty_start(group: SequenceGroup, context: GenerationContext) -> Generation:
+            seed, request_id = group.request.params.seed, group.request_id
+            if seed is not None and seed == self.engine_death_seed:
+                raise InjectedEngineDeath(f"injected engine death on admitting request {request_id}")
+            generation = start(group, context)
+            if seed is not None and seed == self.sample_error_seed:
+                generation.row = _failing_after(generation.row, self.sample_error_after, request_id)
+            return generation
+
+        return faulty_start
+
+
+def _failing_after(row, num_generated: int, request_id: str):
+    def failing_row(chunk: ScheduledChunk):
+        if chunk.seq.num_generated >= num_generated:
+            raise InjectedFault(f"injected fault in the sampling of request {request_id}")
+        return row(chunk)
+
+    return failing_row

@@ -74,6 +74,11 @@ class GenerationRequest:
     # starts at this index. Nothing is generated.
     score_from: int | None = None
 
+    @property
+    def max_len(self) -> int:
+        """The most tokens one of its sequences can hold: the KV it may need per row."""
+        return len(self.prompt_ids) + (0 if self.score_from is not None else self.params.max_new_tokens)
+
 
 @dataclass(frozen=True)
 class TopToken:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
 import time
@@ -11,14 +12,15 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .executor import attention, cpu_linear, decode_kernel
-from .front import servicer
+from .front import reflection, servicer
 from .front.admission import Admission, AdmissionConfig
 from .front.auth import BearerTokenInterceptor
 from .engine.block_manager import BlockManager
+from .engine import generation
 from .engine.engine import Engine
+from .engine.generation import GenerationContext, TokenText
 from .fault import FaultPlan
 from .executor.kv_cache import KVCache, KVShape
 from .metrics import Metrics, MetricsConfig
@@ -46,17 +48,6 @@ class CacheConfig:
     def __post_init__(self):
         if self.block_size < 1 or self.kv_cache_tokens < self.block_size:
             raise ValueError("kv_cache_tokens must be >= block_size >= 1")
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    max_new_tokens: int = 4096
-    default_max_new_tokens: int = 256
-    max_stop_strings: int = 16
-    max_stop_string_length: int = 256
-    max_num_beams: int = 8
-    max_num_return_sequences: int = 8
-    max_model_len: int | None = None  # caps the model's own context length
 
 
 @dataclass(frozen=True)
@@ -89,36 +80,25 @@ def eos_ids(model) -> frozenset[int]:
 class Runtime:
     """The loaded model and the engine around it, ready to serve."""
 
-    def __init__(self, loaded: LoadedModel, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, limits_cfg: LimitsConfig):
+    def __init__(self, loaded: LoadedModel, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, limits: Limits):
         model, config = loaded.model, loaded.model.config
         if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
             raise ValueError(f"{loaded.name}: sliding-window attention layers are not supported yet")
         self.loaded = loaded
-        context = config.max_position_embeddings
-        if limits_cfg.max_model_len:
-            context = min(context, limits_cfg.max_model_len)
-        self.limits = Limits(
-            context_length=context,
-            max_new_tokens=limits_cfg.max_new_tokens,
-            default_max_new_tokens=limits_cfg.default_max_new_tokens,
-            max_stop_strings=limits_cfg.max_stop_strings,
-            max_stop_string_length=limits_cfg.max_stop_string_length,
-            # A request's beams or samples run in one step: never wider than a step.
-            max_num_beams=min(limits_cfg.max_num_beams, sched_cfg.max_num_seqs),
-            max_num_return_sequences=min(limits_cfg.max_num_return_sequences, sched_cfg.max_num_seqs),
-        )
+        self.limits = limits.resolved(config.max_position_embeddings, sched_cfg.max_num_seqs)
         device = next(model.parameters()).device
         num_blocks = cache_cfg.kv_cache_tokens // cache_cfg.block_size
         self.cache = KVCache(KVShape.from_config(config), num_blocks, cache_cfg.block_size, model.dtype, device)
         self.blocks = BlockManager(num_blocks, cache_cfg.block_size)
         self.scheduler = Scheduler(sched_cfg, self.blocks)
+        self.seq_ids = itertools.count()  # shared by every engine of this runtime: they share the scheduler
         self.eos_token_ids = eos_ids(model)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.preprocessor = Preprocessor(loaded.tokenizer, vocab, self.limits)
         self.served = servicer.ServedModel(
             name=loaded.name,
             model_type=config.model_type,
-            context_length=context,
+            context_length=self.limits.context_length,
             vocab_size=vocab,
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
             has_chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)),
@@ -139,8 +119,9 @@ class Runtime:
 
     def engine(self, publish, metrics: Metrics | None = None, faults: FaultPlan | None = None, on_exit=None) -> Engine:
         runner = ModelRunner(self.loaded.model, self.cache, self.cache.kv.device, decode_kernel=self.decode_kernel)
-        return Engine(runner, self.scheduler, self.loaded.tokenizer, self.eos_token_ids, publish, metrics=metrics,
-                      faults=faults, on_exit=on_exit)
+        context = GenerationContext(TokenText(self.loaded.tokenizer), self.eos_token_ids, self.seq_ids)
+        start = (faults or FaultPlan()).wrap(generation.start)
+        return Engine(runner, self.scheduler, context, publish, metrics=metrics, on_exit=on_exit, start=start)
 
     def warm_up(self, max_steps: int = 64) -> None:
         """One short generation (a prefill, a decode step, sampling) on a throwaway engine run in
@@ -161,9 +142,9 @@ class Runtime:
         log.info("warm-up generation done in %.2f s", time.monotonic() - started)
 
 
-def load_runtime(spec: ModelSpec, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, limits_cfg: LimitsConfig) -> Runtime:
+def load_runtime(spec: ModelSpec, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, limits: Limits) -> Runtime:
     loaded = load_model(spec, attn_implementation=attention.register())
-    return Runtime(loaded, cache_cfg, sched_cfg, limits_cfg)
+    return Runtime(loaded, cache_cfg, sched_cfg, limits)
 
 
 def _max_message_bytes(limits: Limits) -> int:
@@ -180,12 +161,13 @@ def _listen(server: grpc.aio.Server, config: ServerConfig, address: str) -> int:
 
 async def _health_and_reflection(server: grpc.aio.Server) -> grpc_health.aio.HealthServicer:
     """grpc.health.v1 answering NOT_SERVING (for the server, "", and for our service) until
-    `serve` says otherwise, and server reflection, so grpcurl-style tools need no proto files."""
+    `serve` says otherwise, and server reflection (v1 and v1alpha), so grpcurl-style tools need no
+    proto files."""
     health = grpc_health.aio.HealthServicer()
     for service in ("", servicer.SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((servicer.SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable(server, (servicer.SERVICE_NAME, HEALTH_SERVICE_NAME))
     return health
 
 

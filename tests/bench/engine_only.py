@@ -40,7 +40,8 @@ def load(model_dir: Path, server_args: list[str]):
     from tokenloom.__main__ import parser
     from tokenloom.executor.models import ModelSpec
     from tokenloom.engine.scheduler import SchedulerConfig
-    from tokenloom.server import CacheConfig, LimitsConfig, load_runtime
+    from tokenloom.front.validation import Limits
+    from tokenloom.server import CacheConfig, load_runtime
 
     a = parser().parse_args(["--model", str(model_dir), *server_args])
     spec = ModelSpec(path=a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
@@ -51,10 +52,10 @@ def load(model_dir: Path, server_args: list[str]):
         CacheConfig(kv_cache_tokens=a.kv_cache_tokens, block_size=a.block_size),
         SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         policy=a.schedule_policy),
-        LimitsConfig(max_new_tokens=a.max_new_tokens_limit, default_max_new_tokens=a.default_max_new_tokens,
-                     max_stop_strings=a.max_stop_strings, max_stop_string_length=a.max_stop_string_length,
-                     max_model_len=a.max_model_len, max_num_beams=a.max_num_beams,
-                     max_num_return_sequences=a.max_num_return_sequences),
+        Limits(max_new_tokens=a.max_new_tokens_limit, default_max_new_tokens=a.default_max_new_tokens,
+               max_stop_strings=a.max_stop_strings, max_stop_string_length=a.max_stop_string_length,
+               max_model_len=a.max_model_len, max_num_beams=a.max_num_beams,
+               max_num_return_sequences=a.max_num_return_sequences),
     )
     runtime.warm_up()
     return runtime

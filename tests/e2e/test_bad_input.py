@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server_process import ServerProcess
+from conftest import own_server
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc
 
@@ -35,7 +35,7 @@ def chat(*pairs: tuple[str, str]) -> list[pb.ChatMessage]:
     return [pb.ChatMessage(role=r, content=c) for r, c in pairs]
 
 
-# (name, RPC, request, status code, field the message must name); the README's "Bad input" table mirrors it.
+# (name, RPC, request, status code, field the message must name); docs/api.md's bad-input table mirrors it.
 BAD = [
     ("temperature NaN", "GenerateUnary", gen(dict(do_sample=True, temperature=math.nan)), INVALID, "temperature"),
     ("temperature inf", "GenerateUnary", gen(dict(do_sample=True, temperature=math.inf)), INVALID, "temperature"),
@@ -126,13 +126,8 @@ GOOD = [
 
 @pytest.fixture(scope="module")
 def server(tiny_dirs, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs-bad-input")
-    proc = ServerProcess(tiny_dirs["llama"], "--kv-cache-tokens", "8192", "--max-num-batched-tokens", "256",
-                         "--max-num-seqs", "16", "--log-level", "WARNING", log_dir=logs, name="bad-input").start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with own_server(tiny_dirs["llama"], "bad-input", tmp_path_factory, "--max-num-seqs", "16") as proc:
+        yield proc
 
 
 async def _stream_tokens(stub, request: pb.GenerateRequest, started: asyncio.Event | None = None) -> list[int]:
@@ -174,6 +169,12 @@ def test_bad_requests_get_their_status_naming_the_field_while_valid_streams_go_o
     info, solo, together, errors, overlapped = asyncio.run(_bad_beside_good(server.address))
     assert info.context_length == CONTEXT and info.vocab_size < HUGE_ID
     assert info.limits.max_num_beams == 8 and info.limits.max_top_n == 20
+    # Every ceiling a client may read, as the server's defaults and this server's flags make them.
+    assert info.limits == pb.Limits(
+        max_new_tokens=4096, default_max_new_tokens=256, max_stop_strings=16, max_stop_string_length=256,
+        max_input_tokens=CONTEXT - 1, max_num_seqs=16, kv_cache_tokens=8192, max_num_beams=8,
+        max_num_return_sequences=8, max_top_n=20,
+    ), info.limits
     wrong = []
     for (name, _, _, code, field), err in zip(BAD, errors):
         if err is None:

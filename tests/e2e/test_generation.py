@@ -154,6 +154,28 @@ def test_seeded_sample_is_the_same_alone_and_in_a_busy_batch(tiny_servers):
     assert other_seed[0] != alone[0]
 
 
+def test_every_uint64_seed_works_and_each_seed_is_its_own_stream(tiny_servers):
+    base = dict(input_ids=list(range(300, 330)), max_new_tokens=24, **SAMPLED)
+    with Client(tiny_servers["llama"].address) as client:
+        top = client.generate(**base, seed=2**64 - 1, num_return_sequences=2)  # was INTERNAL: seed + 1 overflowed
+        assert top.finish_reason == "length" and len(top.hypotheses) == 2
+        assert top.hypotheses[0].token_ids != top.hypotheses[1].token_ids, "the two samples draw apart"
+        assert client.generate(**base, seed=2**64 - 1, num_return_sequences=2).hypotheses == top.hypotheses
+        # All 64 bits count: seeds that agree in their low 32 bits give different tokens.
+        low, high = (client.generate(**base, seed=s).token_ids for s in (0, 2**32))
+        assert low != high
+
+
+def test_a_single_sequence_result_lists_it_among_the_hypotheses(tiny_servers):
+    with Client(tiny_servers["llama"].address) as client:
+        result = client.generate(input_ids=list(range(40, 60)), max_new_tokens=9)
+        [only] = result.hypotheses
+        assert (only.token_ids, only.text, only.finish_reason) == (result.token_ids, result.text, result.finish_reason)
+        assert only.score == pytest.approx(sum(result.logprobs), abs=1e-4)
+        last = list(client.stream(input_ids=list(range(40, 60)), max_new_tokens=9))[-1]
+        assert [h.token_ids for h in last.hypotheses] == [result.token_ids]
+
+
 def test_32_concurrent_streams_each_equal_their_solo_output(tiny_servers):
     address = tiny_servers["qwen2"].address
     requests = [

@@ -10,15 +10,18 @@ import time
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_database, descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2 as v1alpha
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from conftest import own_server
 from server_process import ServerProcess
 from tokenloom_client import AsyncClient
 
 ARGS = ("--kv-cache-tokens", "8192", "--max-num-batched-tokens", "256", "--log-level", "INFO")
 SERVICE = "tokenloom.v1.Generation"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PROMPTS = [list(range(400 + 13 * i, 424 + 13 * i)) for i in range(3)]
@@ -117,30 +120,69 @@ def test_a_signal_drains_not_serving_open_streams_complete_and_the_process_exits
     assert exited_after < 20, exited_after
 
 
-def test_reflection_lists_the_services_and_serves_the_schema(tiny_dirs, tmp_path):
-    server = ServerProcess(tiny_dirs["gpt2"], *ARGS, log_dir=tmp_path, name="reflection").start()
-    try:
-        server.wait_ready()
-        with grpc.insecure_channel(server.address) as channel:
-            db = ProtoReflectionDescriptorDatabase(channel)
-            services = set(db.get_services())
-            assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
-            pool = descriptor_pool.DescriptorPool(db)  # only what the server sent, no local generated code
-            methods = {m.name: m for m in pool.FindServiceByName(SERVICE).methods}
-            assert {"Generate", "GenerateUnary", "ModelInfo", "Score"} <= set(methods)
-            assert methods["Generate"].output_type.full_name == "tokenloom.v1.GenerateResponse"
-            # What grpcurl does: build a request from the reflected schema alone and call the method.
-            unary = methods["GenerateUnary"]
-            request_cls = message_factory.GetMessageClass(unary.input_type)
-            result_cls = message_factory.GetMessageClass(unary.output_type)
-            request = request_cls(input_ids=PROMPTS[0])
-            request.parameters.max_new_tokens = 5
-            call = channel.unary_unary(f"/{SERVICE}/GenerateUnary", request_serializer=request_cls.SerializeToString,
-                                       response_deserializer=result_cls.FromString)
-            result = call(request, timeout=30)
-            assert len(result.token_ids) == 5 and result.usage.prompt_tokens == len(PROMPTS[0])
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def reflection_server(tiny_dirs, tmp_path_factory):
+    with own_server(tiny_dirs["gpt2"], "reflection", tmp_path_factory) as server:
+        yield server
+
+
+def test_reflection_lists_the_services_and_serves_the_schema(reflection_server):
+    with grpc.insecure_channel(reflection_server.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+        pool = descriptor_pool.DescriptorPool(db)  # only what the server sent, no local generated code
+        methods = {m.name: m for m in pool.FindServiceByName(SERVICE).methods}
+        assert {"Generate", "GenerateUnary", "ModelInfo", "Score"} <= set(methods)
+        assert methods["Generate"].output_type.full_name == "tokenloom.v1.GenerateResponse"
+        # What grpcurl does: build a request from the reflected schema alone and call the method.
+        unary = methods["GenerateUnary"]
+        request_cls = message_factory.GetMessageClass(unary.input_type)
+        result_cls = message_factory.GetMessageClass(unary.output_type)
+        request = request_cls(input_ids=PROMPTS[0])
+        request.parameters.max_new_tokens = 5
+        call = channel.unary_unary(f"/{SERVICE}/GenerateUnary", request_serializer=request_cls.SerializeToString,
+                                   response_deserializer=result_cls.FromString)
+        result = call(request, timeout=30)
+        assert len(result.token_ids) == 5 and result.usage.prompt_tokens == len(PROMPTS[0])
+
+
+def _reflection_v1(channel: grpc.Channel, request_cls, response_cls):
+    return channel.stream_stream(f"/{REFLECTION_V1}/ServerReflectionInfo",
+                                 request_serializer=request_cls.SerializeToString,
+                                 response_deserializer=response_cls.FromString)
+
+
+def _pool(answer) -> descriptor_pool.DescriptorPool:
+    """The files of one reflection answer, alone: no local generated code."""
+    db = descriptor_database.DescriptorDatabase()
+    for blob in answer.file_descriptor_response.file_descriptor_proto:
+        db.Add(descriptor_pb2.FileDescriptorProto.FromString(blob))
+    return descriptor_pool.DescriptorPool(db)
+
+
+def test_reflection_v1_lists_the_services_and_describes_them_itself_included(reflection_server):
+    """What a client that speaks grpc.reflection.v1 only sees (v1alpha's successor, same messages)."""
+    with grpc.insecure_channel(reflection_server.address) as channel:
+        # v1's messages are v1alpha's field for field: v1alpha's classes write and read v1's bytes.
+        call = _reflection_v1(channel, v1alpha.ServerReflectionRequest, v1alpha.ServerReflectionResponse)
+        asks = [v1alpha.ServerReflectionRequest(list_services=""),
+                v1alpha.ServerReflectionRequest(file_containing_symbol=SERVICE),
+                v1alpha.ServerReflectionRequest(file_containing_symbol=REFLECTION_V1)]
+        listed, generation, itself = call(iter(asks), timeout=30)
+        services = {s.name for s in listed.list_services_response.service}
+        assert {SERVICE, "grpc.health.v1.Health", REFLECTION_V1, "grpc.reflection.v1alpha.ServerReflection"} <= services
+        methods = {m.name: m for m in _pool(generation).FindServiceByName(SERVICE).methods}
+        assert {"Generate", "GenerateUnary", "ModelInfo", "Score"} <= set(methods)
+        assert methods["GenerateUnary"].output_type.full_name == "tokenloom.v1.GenerateResult"
+        # The v1 service as the server describes it is enough to speak v1, without v1alpha's classes.
+        info = _pool(itself).FindServiceByName(REFLECTION_V1).methods_by_name["ServerReflectionInfo"]
+        assert info.input_type.full_name == "grpc.reflection.v1.ServerReflectionRequest"
+        assert info.output_type.full_name == "grpc.reflection.v1.ServerReflectionResponse"
+        request_cls = message_factory.GetMessageClass(info.input_type)
+        response_cls = message_factory.GetMessageClass(info.output_type)
+        (again,) = _reflection_v1(channel, request_cls, response_cls)(iter([request_cls(list_services="")]), timeout=30)
+        assert {s.name for s in again.list_services_response.service} == services
 
 
 def test_streams_still_open_when_the_grace_ends_are_cut_and_the_process_exits_0(tiny_dirs, tmp_path):

@@ -11,8 +11,8 @@ from tiny_models import KINDS
 from tokenloom.executor.models import ModelSpec
 from tokenloom.request import GenerationOutput
 from tokenloom.engine.scheduler import SchedulerConfig
-from tokenloom.server import CacheConfig, LimitsConfig, load_runtime
-from tokenloom.front.validation import RawParams
+from tokenloom.server import CacheConfig, load_runtime
+from tokenloom.front.validation import Limits, RawParams
 from tokenloom.front.preprocessor import UserInput
 
 
@@ -20,7 +20,7 @@ class Harness:
     def __init__(self, path, *, kv_tokens=4096, budget=64, max_seqs=16):
         self.runtime = load_runtime(
             ModelSpec(path=str(path)), CacheConfig(kv_cache_tokens=kv_tokens, block_size=16),
-            SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), LimitsConfig(),
+            SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), Limits(),
         )
         self.outputs: dict[str, GenerationOutput] = {}
         self.engine = self.runtime.engine(self._publish)

@@ -64,6 +64,21 @@ def test_rate_limit_is_per_client_and_rejections_do_not_count():
     run(go())
 
 
+def test_the_rate_retry_hint_is_when_the_oldest_start_leaves_the_window():
+    async def go():
+        adm = admission(rate_limit_per_client=2, rate_limit_period=1.0)
+        (await adm.admit("a", 1)).release()
+        await asyncio.sleep(0.5)
+        (await adm.admit("a", 1)).release()
+        err = await rejected(adm)
+        assert 0.2 < err.retry_after_seconds < 0.55, err.retry_after_seconds  # the first start's ~0.5 s, not ~1 s
+        await asyncio.sleep(err.retry_after_seconds + 0.02)
+        (await adm.admit("a", 1)).release()  # the hint was enough
+        await rejected(adm)  # and no more than that: the second start is still in the window
+
+    run(go())
+
+
 def test_concurrent_admissions_never_overshoot_the_rate():
     async def go():
         adm = admission(rate_limit_per_client=5, rate_limit_period=10)
@@ -289,21 +304,45 @@ def test_client_identity_prefers_the_metadata_key_then_the_peer_host():
     assert client_identity((("x-client-id", ""),), "ipv4:10.0.0.7:1234", "x-client-id") == "10.0.0.7"
 
 
-def test_the_window_reading_agrees_with_asyncio_throttle_itself():
-    """admission.py reads the throttler's log; if asyncio-throttle changes it, this fails first."""
-    from tokenloom.front.admission import _WindowThrottler
+def test_a_rate_window_takes_a_start_without_suspending_and_refuses_one_without_recording_or_cancelling():
+    """What admission assumes of asyncio-throttle's public `acquire` under `asyncio.timeout(0)`."""
+    from tokenloom.front.admission import _RateWindow
 
     async def go():
-        throttler = _WindowThrottler(2, 0.3)
-        assert throttler.wait_time() == 0 and throttler.idle
+        window = _RateWindow(2, 0.3)
+        ran_meanwhile = []
+        loop = asyncio.get_running_loop()
         for _ in range(2):
-            await asyncio.wait_for(throttler.acquire(), 0.05)  # room: the library does not wait either
-        wait = throttler.wait_time()
-        assert 0.2 < wait <= 0.3 and not throttler.idle
-        with pytest.raises(asyncio.TimeoutError):  # full: the library would wait
-            await asyncio.wait_for(throttler.acquire(), wait - 0.1)
-        start = time.monotonic()
-        await asyncio.wait_for(throttler.acquire(), 1.0)
-        assert 0.02 < time.monotonic() - start < 0.25  # and it waits about what wait_time said (~0.1 s)
+            loop.call_soon(ran_meanwhile.append, True)
+            assert await window.try_start()
+            assert not ran_meanwhile, "a start with room must not give the loop a turn"
+        bystander = asyncio.create_task(asyncio.sleep(0.05))
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert not await window.try_start()
+        assert time.monotonic() - t0 < 0.05, "a refusal must not wait for the window"
+        assert asyncio.current_task().cancelling() == 0  # the timeout undid its own cancellation
+        await asyncio.sleep(0.01)  # and this task is not left cancelled
+        await bystander  # nor was any other task cancelled
+        assert 0.2 < window.retry_after() <= 0.3
+        await asyncio.sleep(window.retry_after() + 0.02)
+        # Twenty refusals recorded nothing: the window holds exactly two starts again, no more.
+        assert await window.try_start() and await window.try_start()
+        assert not await window.try_start()
+
+    run(go())
+
+
+def test_a_cancellation_from_outside_during_a_refusal_still_cancels():
+    from tokenloom.front.admission import _RateWindow
+
+    async def go():
+        window = _RateWindow(1, 10)
+        assert await window.try_start()
+        task = asyncio.create_task(window.try_start())
+        await asyncio.sleep(0)  # the task is now in the throttler's sleep, its timeout due next turn
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     run(go())

@@ -18,20 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
-    MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
     _get_generated_ngrams,
     _get_ngrams,
 )
 
+from sampler_oracle import Stream, cut_offs_are_clear, draw, hf_kept, hf_warped, sampling
 from tokenloom.executor.logits_processors import RowContext, apply_penalties, banned_ngram_tokens
-from tokenloom.request import SamplingParams
-from tokenloom.executor.sampler import RowRandom, SampleRow, Sampler
+from tokenloom.executor.sampler import Sampler
 
 VOCAB = 257
 
@@ -229,45 +224,6 @@ def test_banned_ngram_tokens_edge_cases():
 # min-p and typical-p in the sampler
 
 
-def sampling(temperature=1.0, top_k=50, top_p=1.0, min_p=0.0, typical_p=1.0, seed=None) -> SamplingParams:
-    return SamplingParams(max_new_tokens=1, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                          min_p=min_p, typical_p=typical_p, seed=seed)
-
-
-def draw(sampler: Sampler, logits: torch.Tensor, params: list[SamplingParams], randoms: list[RowRandom]) -> list[int]:
-    """One token per row through the sampler's public entry point; no history, so no penalties."""
-    rows = [SampleRow(params=p, context=RowContext(token_ids=(), prompt_len=0), randoms=[r])
-            for p, r in zip(params, randoms)]
-    return [result.token_ids[0] for result in sampler(logits, rows)]
-
-
-def hf_warped(logits: torch.Tensor, p: SamplingParams, nudge: float = 0.0) -> torch.Tensor:
-    """HF's sampling warpers for one row in `_get_logits_processor`'s order; `nudge` shifts every cut-off."""
-    scores = logits[None].clone()
-    dummy = torch.zeros((1, 1), dtype=torch.long)
-    if p.temperature != 1.0:
-        scores = TemperatureLogitsWarper(p.temperature)(dummy, scores)
-    if p.top_k:
-        scores = TopKLogitsWarper(p.top_k)(dummy, scores)
-    if p.top_p < 1.0:
-        scores = TopPLogitsWarper(p.top_p + nudge)(dummy, scores)
-    if p.min_p > 0.0:
-        scores = MinPLogitsWarper(p.min_p + nudge)(dummy, scores)
-    if p.typical_p < 1.0:
-        scores = TypicalLogitsWarper(p.typical_p + nudge)(dummy, scores)
-    return scores[0]
-
-
-def hf_kept(logits: torch.Tensor, p: SamplingParams, nudge: float = 0.0) -> set[int]:
-    return set(torch.isfinite(hf_warped(logits, p, nudge)).nonzero()[:, 0].tolist())
-
-
-def cut_offs_are_clear(logits: torch.Tensor, p: SamplingParams, margin: float = 1e-4) -> bool:
-    """Moving every cut-off a little, or computing in double, keeps the same tokens: rounding cannot decide."""
-    kept = hf_kept(logits, p)
-    return all(hf_kept(x, p, nudge) == kept for x in (logits, logits.double()) for nudge in (-margin, 0.0, margin))
-
-
 WARPER_GRID = [
     sampling(min_p=0.1, top_k=0),
     sampling(min_p=0.3, temperature=0.7, top_k=20),
@@ -298,10 +254,10 @@ def test_sampled_tokens_stay_inside_what_hf_min_p_and_typical_p_keep():
     assert sum(k < w for k, w, p in zip(kept, without, params) if p.typical_p < 1 and p.min_p == 0) > 20
     logits = torch.stack(rows)
     sampler = Sampler()
-    randoms = [RowRandom(i) for i in range(len(rows))]
+    randoms = [Stream(i) for i in range(len(rows))]
     drawn: list[set[int]] = [set() for _ in rows]
     for _ in range(100):
-        for i, token in enumerate(draw(sampler, logits, params, randoms)):
+        for i, token in enumerate(draw(sampler, logits, params, randoms)[0]):
             assert token in kept[i], f"row {i} ({params[i]}) drew {token}, which HF filters out"
             drawn[i].add(token)
     assert sum(len(d) > 1 for d in drawn) > len(rows) // 2
@@ -324,7 +280,7 @@ def test_draws_follow_the_hf_min_p_and_typical_p_distribution(params):
     expected = torch.softmax(hf_warped(logits, params).double(), -1)
     assert 1 < int((expected > 0).sum()) < len(logits)
     n = 20_000
-    tokens = draw(Sampler(), logits.expand(n, -1).contiguous(), [params] * n, [RowRandom(50_000 + i) for i in range(n)])
+    tokens, _ = draw(Sampler(), logits.expand(n, -1).contiguous(), [params] * n, [Stream(50_000 + i) for i in range(n)])
     counts = torch.bincount(torch.tensor(tokens), minlength=len(logits)).double()
     assert (counts[expected == 0] == 0).all(), "a token HF filters out was drawn"
     support = expected > 0
@@ -340,12 +296,12 @@ def test_rows_with_min_p_and_typical_p_off_draw_as_if_the_warpers_did_not_exist(
     targets = [sampling(temperature=0.9, top_k=40, top_p=0.9), sampling(temperature=1.3, top_k=0)]
     steps = [torch.randn(2, vocab, generator=gen) * 2 for _ in range(50)]
     sampler = Sampler()
-    alone_randoms = [RowRandom(1), RowRandom(2)]
-    alone = [draw(sampler, s, targets, alone_randoms) for s in steps]
+    alone_randoms = [Stream(1), Stream(2)]
+    alone = [draw(sampler, s, targets, alone_randoms)[0] for s in steps]
     neighbours = [sampling(min_p=0.2, top_k=40, top_p=0.9), sampling(typical_p=0.3, top_k=0)]
-    mixed_randoms = [RowRandom(1), RowRandom(2), RowRandom(3), RowRandom(4)]
+    mixed_randoms = [Stream(1), Stream(2), Stream(3), Stream(4)]
     mixed = [
-        draw(sampler, torch.cat([s, torch.randn(2, vocab, generator=gen)]), targets + neighbours, mixed_randoms)[:2]
+        draw(sampler, torch.cat([s, torch.randn(2, vocab, generator=gen)]), targets + neighbours, mixed_randoms)[0][:2]
         for s in steps
     ]
     assert mixed == alone
@@ -356,15 +312,15 @@ def test_a_seeded_row_with_min_p_and_typical_p_ignores_its_neighbours():
     vocab = 400
     target = sampling(temperature=1.1, top_k=60, top_p=0.95, min_p=0.05, typical_p=0.8, seed=31)
     steps = [torch.randn(1, vocab, generator=gen) * 2 for _ in range(40)]
-    alone_random = RowRandom(31)
-    alone = [draw(Sampler(), s, [target], [alone_random])[0] for s in steps]
+    alone_random = Stream(31)
+    alone = [draw(Sampler(), s, [target], [alone_random])[0][0] for s in steps]
     assert len(set(alone)) > 1
     neighbours = [sampling(top_k=60, typical_p=0.2), sampling(top_k=60), sampling(top_k=0, min_p=0.5)]
     sampler = Sampler()
-    randoms = [RowRandom(7), RowRandom(31), RowRandom(8), RowRandom(9)]
+    randoms = [Stream(7), Stream(31), Stream(8), Stream(9)]
     params = neighbours[:1] + [target] + neighbours[1:]
     batched = []
     for s in steps:
         others = torch.randn(3, vocab, generator=gen) * 2
-        batched.append(draw(sampler, torch.cat([others[:1], s, others[1:]]), params, randoms)[1])
+        batched.append(draw(sampler, torch.cat([others[:1], s, others[1:]]), params, randoms)[0][1])
     assert batched == alone

@@ -9,70 +9,16 @@ logits), whatever temperature or penalty shaped the draw.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from tokenloom.executor.logits_processors import RowContext
+from sampler_oracle import Stream, cut_offs_are_clear, draw, greedy, hf_kept, hf_warped, sampling, spec
+from tokenloom.executor.sampler import Sampler
 from tokenloom.request import SamplingParams
-from tokenloom.executor.sampler import RowRandom, SampleRow, Sampler
 
 VOCAB = 97
-
-# A row with a history but no processor that reads it: what every test not about penalties uses.
-NEUTRAL = RowContext(token_ids=(3, 1, 4, 1, 5), prompt_len=3)
-
-
-def greedy() -> SamplingParams:
-    return SamplingParams(max_new_tokens=1)
-
-
-def sampling(temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None):
-    return SamplingParams(max_new_tokens=1, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed)
-
-
-def draw(sampler: Sampler, logits: torch.Tensor, params: list[SamplingParams], randoms: list[RowRandom | None]):
-    """One draw per row, each row with its own random (None: greedy): (token ids, log-probs)."""
-    results = sampler(logits, [SampleRow(p, NEUTRAL, [r]) for p, r in zip(params, randoms)])
-    assert len(results) == len(params)
-    assert all(len(r.token_ids) == len(r.logprobs) == 1 and r.candidates == [] for r in results)
-    return [r.token_ids[0] for r in results], [r.logprobs[0] for r in results]
-
-
-def hf_warped(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The scores HF `generate` samples from for one row: [vocab], -inf where a token is removed."""
-    scores = logits[None].clone()
-    dummy = torch.zeros((1, 1), dtype=torch.long)
-    scores = TemperatureLogitsWarper(p.temperature)(dummy, scores)
-    if p.top_k:  # HF adds no top-k warper for top_k=0
-        scores = TopKLogitsWarper(p.top_k)(dummy, scores)
-    if p.top_p < 1.0:  # nor a top-p warper for top_p=1
-        scores = TopPLogitsWarper(p.top_p)(dummy, scores)
-    return scores[0]
-
-
-def hf_kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
-    return set(torch.isfinite(hf_warped(logits, p)).nonzero()[:, 0].tolist())
-
-
-def nucleus_is_clear_cut(logits: torch.Tensor, p: SamplingParams, margin: float = 1e-4) -> bool:
-    """No token sits so close to the top-p edge that float rounding could decide it."""
-    if p.top_p >= 1.0:
-        return True
-    scores = logits.double() / p.temperature
-    if p.top_k:
-        scores = scores.topk(min(p.top_k, scores.numel())).values
-    probs = scores.softmax(-1).sort(descending=True).values
-    before = probs.cumsum(-1) - probs
-    return bool(((before - p.top_p).abs() > margin).all())
 
 
 # Greedy
@@ -93,7 +39,7 @@ def test_greedy_ignores_temperature_top_k_and_top_p():
     params = [SamplingParams(max_new_tokens=1, temperature=0.0),
               SamplingParams(max_new_tokens=1, temperature=5.0, top_k=3, top_p=0.1),
               SamplingParams(max_new_tokens=1, top_k=0)]
-    tokens, _ = draw(Sampler(), logits, params, [None, RowRandom(1), None])
+    tokens, _ = draw(Sampler(), logits, params, [None, Stream(1), None])
     assert tokens == logits.argmax(-1).tolist()
 
 
@@ -103,14 +49,14 @@ def test_sampling_with_top_k_one_is_greedy(temperature):
     logits = torch.randn(32, VOCAB)
     params = [sampling(temperature=temperature, top_k=1)] * 32
     for step in range(5):
-        tokens, _ = draw(Sampler(), logits, params, [RowRandom(1000 * step + i) for i in range(32)])
+        tokens, _ = draw(Sampler(), logits, params, [Stream(1000 * step + i) for i in range(32)])
         assert tokens == logits.argmax(-1).tolist()
 
 
 def test_sampling_with_a_tiny_top_p_is_greedy():
     torch.manual_seed(3)
     logits = torch.randn(32, VOCAB)
-    tokens, _ = draw(Sampler(), logits, [sampling(top_p=1e-6, top_k=0)] * 32, [RowRandom(i) for i in range(32)])
+    tokens, _ = draw(Sampler(), logits, [sampling(top_p=1e-6, top_k=0)] * 32, [Stream(i) for i in range(32)])
     assert tokens == logits.argmax(-1).tolist()
 
 
@@ -118,7 +64,7 @@ def test_sampled_logprobs_are_under_the_model_distribution():
     torch.manual_seed(4)
     logits = torch.randn(8, VOCAB)
     tokens, logprobs = draw(Sampler(), logits, [sampling(temperature=0.5, top_k=10, top_p=0.8)] * 8,
-                            [RowRandom(i) for i in range(8)])
+                            [Stream(i) for i in range(8)])
     expected = torch.log_softmax(logits, -1)[torch.arange(8), torch.tensor(tokens)]
     torch.testing.assert_close(torch.tensor(logprobs), expected)
 
@@ -128,8 +74,8 @@ def test_a_penalised_draw_reports_the_raw_model_log_probability():
     torch.manual_seed(12)
     logits = torch.randn(2, VOCAB) * 2
     top = logits.argmax(-1).tolist()
-    context = RowContext(token_ids=(top[0], top[1]), prompt_len=2, repetition_penalty=100.0)
-    results = Sampler()(logits, [SampleRow(greedy(), context, [None]), SampleRow(greedy(), context, [None])])
+    penalised = greedy(repetition_penalty=100.0)
+    results = Sampler()(logits, [spec(penalised, history=top, prompt_len=2)] * 2)
     raw = torch.log_softmax(logits, -1)
     for i, result in enumerate(results):
         [token] = result.token_ids
@@ -157,7 +103,7 @@ def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets():
     while len(rows) < 140:
         logits = torch.randn(VOCAB, generator=gen) * 2
         p = PARAM_GRID[len(rows) % len(PARAM_GRID)]
-        if nucleus_is_clear_cut(logits, p):
+        if cut_offs_are_clear(logits, p):
             rows.append(logits)
             params.append(p)
     logits = torch.stack(rows)
@@ -165,7 +111,7 @@ def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets():
     assert all(len(k) >= 1 for k in kept)
     assert any(len(k) < VOCAB for k in kept)
     sampler = Sampler()
-    randoms = [RowRandom(i) for i in range(len(rows))]
+    randoms = [Stream(i) for i in range(len(rows))]
     drawn = [set() for _ in rows]
     for _ in range(60):
         tokens, _ = draw(sampler, logits, params, randoms)
@@ -192,7 +138,7 @@ def test_draws_follow_the_hf_distribution(params):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.4, 0.0, -0.3, -1.0, -2.5])
     expected = torch.softmax(hf_warped(logits, params).double(), -1)
     n = 20_000
-    tokens, _ = draw(Sampler(), logits.expand(n, -1).contiguous(), [params] * n, [RowRandom(10_000 + i) for i in range(n)])
+    tokens, _ = draw(Sampler(), logits.expand(n, -1).contiguous(), [params] * n, [Stream(10_000 + i) for i in range(n)])
     counts = torch.bincount(torch.tensor(tokens), minlength=len(logits)).double()
     assert (counts[expected == 0] == 0).all(), "a token HF filters out was drawn"
     support = expected > 0
@@ -211,7 +157,7 @@ def test_one_seeded_stream_follows_the_distribution_over_steps():
     logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
     params = sampling(temperature=1.0, top_k=0)
     expected = torch.softmax(logits[0].double(), -1)
-    rng = RowRandom(123)
+    rng = Stream(123)
     sampler = Sampler()
     n = 4000
     counts = torch.zeros(4, dtype=torch.float64)
@@ -227,7 +173,7 @@ def test_one_seeded_stream_follows_the_distribution_over_steps():
 def _run_steps(step_logits: list[torch.Tensor], params: list[SamplingParams], seeds: list[int | None]):
     """(token ids, log-probs) per step, each row drawing once per step from its own stream."""
     sampler = Sampler()
-    randoms = [RowRandom(s) if p.do_sample else None for p, s in zip(params, seeds)]
+    randoms = [Stream(s) if p.do_sample else None for p, s in zip(params, seeds)]
     return [draw(sampler, logits, params, randoms) for logits in step_logits]
 
 
@@ -291,18 +237,6 @@ def test_a_seeded_row_is_unaffected_by_greedy_rows_around_it():
     assert mixed == alone
 
 
-def test_a_seeded_row_is_unaffected_by_a_greedy_row_that_carries_a_generator():
-    gen = torch.Generator().manual_seed(9)
-    target = sampling(temperature=1.0, top_k=0, seed=42)
-    logits = [torch.randn(1, 50, generator=gen) for _ in range(30)]
-    alone = [tokens[0] for tokens, _ in _run_steps(logits, [target], [42])]
-    sampler = Sampler()
-    randoms = [RowRandom(1), RowRandom(42)]  # the greedy row's generator must stay unused
-    mixed = [draw(sampler, torch.cat([torch.randn(1, 50, generator=gen), row]), [greedy(), target], randoms)[0][1]
-             for row in logits]
-    assert mixed == alone
-
-
 def test_the_same_seed_repeats_and_a_different_seed_differs():
     gen = torch.Generator().manual_seed(8)
     logits = [torch.randn(1, 200, generator=gen) for _ in range(30)]
@@ -322,7 +256,7 @@ def test_rows_with_different_parameters_in_one_call_each_use_their_own():
         sampling(temperature=100.0, top_k=0),  # nearly uniform over all six
         greedy(),
     ]
-    randoms = [RowRandom(i) for i in range(3)] + [None]
+    randoms = [Stream(i) for i in range(3)] + [None]
     seen: list[set[int]] = [set() for _ in params]
     sampler = Sampler()
     for _ in range(400):
@@ -352,14 +286,14 @@ def test_each_of_n_draws_from_one_row_equals_that_random_drawing_alone():
     companions = [greedy(), sampling(temperature=0.7, top_k=0, seed=5), sampling(temperature=1.0, top_k=3, seed=6)]
     for position in (0, 2, len(companions)):
         sampler = Sampler()
-        streams = [RowRandom(s) for s in seeds]
-        companion_randoms = [None, RowRandom(5), RowRandom(6)]
+        streams = [Stream(s) for s in seeds]
+        companion_randoms = [None, Stream(5), Stream(6)]
         draws: list[list[int]] = [[] for _ in seeds]
         for row in target_logits:
             others = torch.randn(len(companions), vocab, generator=gen) * 2
             logits = torch.cat([others[:position], row[None], others[position:]])
-            rows = [SampleRow(c, NEUTRAL, [r]) for c, r in zip(companions, companion_randoms)]
-            rows.insert(position, SampleRow(p, NEUTRAL, list(streams)))
+            rows = [spec(c, [r]) for c, r in zip(companions, companion_randoms)]
+            rows.insert(position, spec(p, streams))
             results = sampler(logits, rows)
             target = results[position]
             assert len(target.token_ids) == len(target.logprobs) == 3
@@ -377,15 +311,15 @@ def test_each_of_n_draws_from_one_row_equals_that_random_drawing_alone():
 def test_top_n_lists_the_model_probabilities_best_first():
     torch.manual_seed(11)
     logits = torch.randn(7, VOCAB) * 3
-    penalised = RowContext(token_ids=tuple(logits[4].topk(3).indices.tolist()), prompt_len=0, repetition_penalty=5.0)
     rows = [
-        SampleRow(greedy(), NEUTRAL, [None]),  # top_n 0: none
-        SampleRow(replace(greedy(), top_n=1), NEUTRAL, [None]),
-        SampleRow(replace(sampling(temperature=0.3, top_k=3), top_n=5), NEUTRAL, [RowRandom(1)]),
-        SampleRow(replace(greedy(), top_n=20), NEUTRAL, [None]),
-        SampleRow(replace(greedy(), top_n=5), penalised, [None]),  # penalties shape the draw, not the list
-        SampleRow(replace(greedy(), top_n=4), NEUTRAL, [], beam_candidates=2),
-        SampleRow(replace(sampling(), top_n=3), NEUTRAL, [RowRandom(2), RowRandom(3), RowRandom(4)]),
+        spec(greedy()),  # top_n 0: none
+        spec(greedy(top_n=1)),
+        spec(sampling(temperature=0.3, top_k=3, top_n=5), [Stream(1)]),
+        spec(greedy(top_n=20)),
+        # Penalties shape the draw, not the list.
+        spec(greedy(top_n=5, repetition_penalty=5.0), history=logits[4].topk(3).indices.tolist()),
+        spec(greedy(top_n=4), streams=(), beam_width=2),
+        spec(sampling(top_n=3), [Stream(2), Stream(3), Stream(4)]),
     ]
     results = Sampler()(logits, rows)
     probs = torch.softmax(logits, -1)
@@ -408,7 +342,7 @@ def test_beam_candidates_are_the_top_log_probabilities_of_each_row():
     torch.manual_seed(14)
     logits = torch.randn(4, VOCAB) * 2
     ks = [2, 4, 0, 7]  # row 2 is a plain greedy row between beam rows
-    rows = [SampleRow(greedy(), NEUTRAL, [] if k else [None], beam_candidates=k) for k in ks]
+    rows = [spec(greedy(), streams=() if k else (None,), beam_width=k) for k in ks]
     results = Sampler()(logits, rows)
     log_probs = torch.log_softmax(logits, -1)
     for i, (k, result) in enumerate(zip(ks, results)):
@@ -431,16 +365,13 @@ def test_beam_candidates_reflect_the_repetition_penalty_as_hf_beam_search_applie
     logits = torch.randn(4, VOCAB) * 2
     k = 6
     order = logits.argsort(-1, descending=True)
-    contexts = {
-        i: RowContext(token_ids=tuple((order[i, :4] if penalty > 1 else order[i, 10:14]).tolist()) + (0,),
-                      prompt_len=2, repetition_penalty=penalty)
-        for i in (0, 2, 3)
-    }
-    rows = [SampleRow(greedy(), contexts.get(i, NEUTRAL), [], beam_candidates=k) for i in range(4)]
+    histories = {i: tuple((order[i, :4] if penalty > 1 else order[i, 10:14]).tolist()) + (0,) for i in (0, 2, 3)}
+    rows = [spec(greedy(repetition_penalty=penalty), streams=(), history=histories[i], prompt_len=2, beam_width=k)
+            if i in histories else spec(greedy(), streams=(), beam_width=k) for i in range(4)]
     results = Sampler()(logits, rows)
     log_probs = torch.log_softmax(logits, -1)
-    for i, context in contexts.items():
-        input_ids = torch.tensor([list(context.token_ids)])
+    for i, history in histories.items():
+        input_ids = torch.tensor([list(history)])
         expected = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, log_probs[i][None].clone())[0].topk(k)
         assert [t for t, _ in results[i].candidates] == expected.indices.tolist()
         torch.testing.assert_close(torch.tensor([s for _, s in results[i].candidates]), expected.values,

@@ -1,13 +1,13 @@
-"""The scheduler driven by a fake engine: chunked prefill, row and token limits, preemption, finishing,
-and request groups (n samples forked from one prompt, beam reselection, copy-on-write of shared KV).
+"""The scheduler driven by the real engine over a fabricated executor: chunked prefill, row and token
+limits, preemption, finishing, and request groups (n samples forked from one prompt, beam reselection,
+copy-on-write of shared KV).
 
-No model: each step the "engine" appends a made-up token to every sequence whose chunk samples, and
-finishes a sequence once it has its max_new_tokens. As the real engine does, a request with n samples
-forks n - 1 children from its prompt's one forward, and a beam group is reselected (forked from its
-parents' KV) every step. Tokens are numbered per sample so a lost, duplicated or swapped token shows up
-in the final output, and a simulated KV store holds, for every slot, the token whose KV was written
-there: a sequence that reads KV other than its own (a missed copy-on-write, a block freed too early)
-shows up after the step.
+No model: the executor (`FakeExecutor`) answers each row that draws with made-up tokens and each beam
+row with made-up candidates; the engine's own request objects (engine/generation/) fork samples,
+reselect beams and finish sequences, as they do in the server. Tokens are numbered per sample so a
+lost, duplicated or swapped token shows up in what the client is sent, and a simulated KV store holds,
+for every slot, the token whose KV was written there: a sequence that reads KV other than its own (a
+missed copy-on-write, a block freed too early) shows up in the step that reads it.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenloom.engine.batch import Batch, RowOutput
 from tokenloom.engine.block_manager import BlockManager
-from tokenloom.request import GenerationRequest, SamplingParams
+from tokenloom.engine.engine import Engine
+from tokenloom.engine.generation import GenerationContext, TokenText, start
 from tokenloom.engine.scheduler import POLICIES, Scheduler, SchedulerConfig, SchedulerOutput
 from tokenloom.engine.sequence import Sequence, SequenceGroup, Status
+from tokenloom.request import GenerationRequest, SamplingParams, TokenEvent
 
 FIRST_FAKE_TOKEN = 100_000
-SAMPLE_STRIDE = 1_000  # sample (or beam slot) i emits FIRST_FAKE_TOKEN + i * SAMPLE_STRIDE + k as token k
+SAMPLE_STRIDE = 1_000  # sample (or beam candidate) i emits FIRST_FAKE_TOKEN + i * SAMPLE_STRIDE + k as token k
 
 
 def make_group(seq_id: int, prompt_len: int, max_new_tokens: int, *, n: int = 1, num_beams: int = 1) -> SequenceGroup:
@@ -42,139 +45,96 @@ def expected_output(group: SequenceGroup, index: int = 0) -> list[int]:
     return [fake_token(index, k) for k in range(group.request.params.max_new_tokens)]
 
 
-class FakeEngine:
-    """The engine's step loop without a model, checking what every step promises."""
+class FakeTokenizer:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(f" {i}" for i in ids)
 
-    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 seed: int = 0, policy: str = "prefill-first"):
-        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      policy=policy)
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.sched = Scheduler(self.config, self.blocks)
-        self.outputs: list[SchedulerOutput] = []
-        # (step, seq, start, num_tokens, samples) per chunk; `samples` is read before the token
-        # list grows, as the engine reads it.
-        self.log: list[tuple[int, Sequence, int, int, bool]] = []
-        self.samples: dict[str, list[Sequence]] = {}  # every sample of a request, by index
-        self.final_beams: dict[str, list[Sequence]] = {}  # a finished beam group's last members
+
+class FakeExecutor:
+    """The model runner's contract without a model: KV written where the rows say, checked where
+    they read it, and made-up tokens and beam candidates (seeded) for the rows that draw."""
+
+    kv_bytes_per_block = 1
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int):
+        self.block_size = block_size
         self.kv = [[None] * block_size for _ in range(num_blocks)]  # token whose KV each slot holds
-        self._next_start: dict[int, int] = {}  # where each sequence's next chunk must begin, by seq_id
-        self._group_of: dict[int, SequenceGroup] = {}
-        self._index: dict[int, int] = {}
-        self._seq_ids = itertools.count(1_000_000)
-        self._rng = random.Random(seed)  # which parents a beam step keeps
+        self._rng = random.Random(seed)  # the beam candidates' log-probs: which parents a beam step keeps
 
-    def add(self, group: SequenceGroup) -> None:
-        self.sched.add(group)
-        self.samples[group.request_id] = list(group.seqs)
-        self._register(group, group.seqs[0], 0)
-
-    def _register(self, group: SequenceGroup, seq: Sequence, index: int) -> None:
-        self._group_of[seq.seq_id] = group
-        self._index[seq.seq_id] = index
-        self._next_start[seq.seq_id] = seq.num_computed
-
-    def step(self) -> SchedulerOutput:
-        step = len(self.outputs)
-        running_before = list(self.sched.running)
-        out = self.sched.schedule()
-        self._check_output(out, running_before)
-        for group in out.preempted:
-            if group.request.params.is_beam:  # the engine restarts a beam group from its prompt
-                group.seqs = [Sequence.from_request(group.seqs[0].seq_id, group.request)]
-                self._register(group, group.seqs[0], 0)
-        self._run(out)
-        sampling = [c.seq for c in out.chunks if c.samples]
-        for chunk in out.chunks:
-            self.log.append((step, chunk.seq, chunk.start, chunk.num_tokens, chunk.seq in sampling))
-        self.sched.step_done(out)
-        self._check_kv()
-        beams: dict[int, tuple[SequenceGroup, list[Sequence]]] = {}
-        for seq in sampling:
-            group = self._group_of[seq.seq_id]
-            if group.request.params.is_beam:
-                beams.setdefault(id(group), (group, []))[1].append(seq)
-            else:
-                self._sampled(group, seq)
-        for group, sampled in beams.values():
-            self._reselect(group, sampled)
-        self.sched.check_invariants()
-        self.outputs.append(out)
-        return out
-
-    def _sampled(self, group: SequenceGroup, seq: Sequence) -> None:
-        params = group.request.params
-        new = [seq]
-        if seq.num_generated == 0 and len(group.seqs) == 1 and params.num_return_sequences > 1:
-            # The prompt's one forward feeds every sample: fork the others from it.
-            for index in range(1, params.num_return_sequences):
-                child = self.sched.fork(group, seq, seq.token_ids + [fake_token(index, 0)], next(self._seq_ids))
-                self._register(group, child, index)
-                self.samples[group.request_id].append(child)
-                new.append(child)
-        seq.token_ids.append(fake_token(self._index[seq.seq_id], seq.num_generated))
-        for s in new:
-            if s.num_generated >= params.max_new_tokens:
-                self.sched.finish_seq(group, s)
-
-    def _reselect(self, group: SequenceGroup, sampled: list[Sequence]) -> None:
-        assert sampled == group.seqs, "a beam group's beams run together"
-        params = group.request.params
-        old = group.seqs
-        k = old[0].num_generated
-        parents = [self._rng.randrange(len(old)) for _ in range(params.num_beams)]
-        children = [
-            old[p].child(next(self._seq_ids), old[p].token_ids + [fake_token(j, k)], self.blocks.fork(old[p].block_table))
-            for j, p in enumerate(parents)
-        ]
-        self.sched.replace_members(group, children)
-        for j, child in enumerate(children):
-            self._register(group, child, j)
-        if k + 1 >= params.max_new_tokens:
-            self.final_beams[group.request_id] = children
-            self.sched.finish(group)
-
-    def _run(self, out: SchedulerOutput) -> None:
-        """What the model runner does to the KV store: the copies first, then every chunk's writes."""
-        bs = self.blocks.block_size
-        for src, dst in out.block_copies:
+    def execute(self, batch: Batch) -> list[RowOutput]:
+        bs = self.block_size
+        for src, dst in batch.block_copies:
             self.kv[dst] = list(self.kv[src])
-        for chunk in out.chunks:
-            seq = chunk.seq
-            for pos in range(chunk.start, chunk.start + chunk.num_tokens):
+        for row in batch.rows:
+            seq = row.seq
+            for pos in range(row.start, row.end):
                 self.kv[seq.block_table[pos // bs]][pos % bs] = seq.token_ids[pos]
+        for row in batch.rows:  # every row attends to positions 0 .. end - 1: they must hold its own tokens
+            seq = row.seq
+            stored = [self.kv[seq.block_table[pos // bs]][pos % bs] for pos in range(row.end)]
+            assert stored == seq.token_ids[: row.end], f"sequence {seq.seq_id} reads KV not its own"
+        return [self._output(row) for row in batch.rows]
 
-    def _check_kv(self) -> None:
-        bs = self.blocks.block_size
-        for group in self.sched.running:
-            for seq in group.seqs:
-                stored = [self.kv[seq.block_table[pos // bs]][pos % bs] for pos in range(seq.num_computed)]
-                assert stored == seq.token_ids[: seq.num_computed], f"sequence {seq.seq_id} reads KV not its own"
+    def _output(self, row) -> RowOutput:
+        if row.sample is None:
+            return RowOutput()
+        k = row.seq.num_generated
+        if row.sample.beam_width:
+            scores = sorted((self._rng.uniform(-5.0, 0.0) for _ in range(row.sample.beam_width)), reverse=True)
+            return RowOutput(candidates=[(fake_token(j, k), score) for j, score in enumerate(scores)])
+        if k == 0:  # the prompt's draws, one per sample, in sample order
+            indices = range(len(row.sample.uniforms))
+        else:  # a sample's own tokens say which sample it is
+            indices = [(row.seq.token_ids[-1] - FIRST_FAKE_TOKEN) // SAMPLE_STRIDE]
+        tokens = [fake_token(i, k) for i in indices]
+        return RowOutput(token_ids=tokens, logprobs=[0.0] * len(tokens))
+
+
+class RecordingScheduler(Scheduler):
+    """The real scheduler, checking and recording what every plan promises."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        super().__init__(config, blocks)
+        self.plans: list[SchedulerOutput] = []
+        # (step, seq, start, num_tokens, samples) per chunk; `samples` is read before the token list grows.
+        self.log: list[tuple[int, Sequence, int, int, bool]] = []
+        self._next_start: dict[int, int] = {}  # where each sequence's next chunk must begin, by seq_id
+
+    def schedule(self) -> SchedulerOutput:
+        running_before = list(self.running)
+        out = super().schedule()
+        self._check_output(out, running_before)
+        step = len(self.plans)
+        self.log += [(step, c.seq, c.start, c.num_tokens, c.samples) for c in out.chunks]
+        self.plans.append(out)
+        return out
 
     def _check_output(self, out: SchedulerOutput, running_before: list[SequenceGroup]) -> None:
         cfg, bs = self.config, self.blocks.block_size
         assert out.num_tokens <= cfg.max_num_batched_tokens
         assert len(out.chunks) <= cfg.max_num_seqs
-        assert self.sched.rows_in_use <= cfg.max_num_seqs
+        assert self.rows_in_use <= cfg.max_num_seqs
         seqs = [c.seq for c in out.chunks]
         assert len({id(s) for s in seqs}) == len(seqs), "a sequence is scheduled twice in one step"
         # Victims are the newest running groups, newest first.
         if out.preempted:
             assert out.preempted == running_before[::-1][: len(out.preempted)]
         for victim in out.preempted:
-            assert victim.status is Status.WAITING and victim in self.sched.waiting
-            assert victim not in self.sched.running
+            assert victim.status is Status.WAITING and victim in self.waiting
+            assert victim not in self.running
             for seq in victim.seqs:
                 assert seq not in seqs
                 assert seq.status is Status.WAITING and seq.block_table == [] and seq.num_computed == 0
                 self._next_start[seq.seq_id] = 0
         for chunk in out.chunks:
             seq = chunk.seq
-            group = self._group_of[seq.seq_id]
-            assert group in self.sched.running and seq in group.seqs
+            group = next(g for g in self.running if seq in g.seqs)
+            assert group.status is Status.RUNNING
             assert chunk.num_tokens >= 1
             assert seq.status is Status.RUNNING
-            assert chunk.start == self._next_start[seq.seq_id], "chunks of a sequence must be contiguous"
+            # A sequence first seen here is a fork: it starts where its parent's KV ends.
+            expected = self._next_start.setdefault(seq.seq_id, seq.num_computed)
+            assert chunk.start == expected, "chunks of a sequence must be contiguous"
             assert chunk.start + chunk.num_tokens <= len(seq.token_ids)
             assert self.blocks.blocks_for(chunk.start + chunk.num_tokens) <= len(seq.block_table), (
                 "the chunk's KV has no block to go to"
@@ -191,6 +151,46 @@ class FakeEngine:
                 "a copy goes to the block its new owner writes this step"
             )
 
+
+class FakeEngine:
+    """The engine's real step loop (engine.step) over `FakeExecutor`, one step at a time."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 seed: int = 0, policy: str = "prefill-first"):
+        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      policy=policy)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.sched = RecordingScheduler(self.config, self.blocks)
+        context = GenerationContext(TokenText(FakeTokenizer()), frozenset(), itertools.count(1_000_000))
+        self.generations = {}  # every request's engine-side object, by request id (kept after it ends)
+        self.engine = Engine(FakeExecutor(num_blocks, block_size, seed), self.sched, context,
+                             publish=self._publish, start=self._start)
+        self.events: dict[str, list[TokenEvent]] = {}
+
+    def _start(self, group, context):
+        generation = self.generations[group.request_id] = start(group, context)
+        return generation
+
+    def _publish(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            self.events.setdefault(event.request_id, []).append(event)
+
+    @property
+    def outputs(self) -> list[SchedulerOutput]:
+        return self.sched.plans
+
+    @property
+    def log(self):
+        return self.sched.log
+
+    def add(self, group: SequenceGroup) -> None:
+        self.engine.add(group)
+
+    def step(self) -> SchedulerOutput:
+        self._publish(self.engine.step())
+        self.sched.check_invariants()
+        return self.outputs[-1]
+
     def run(self, max_steps: int) -> None:
         steps = 0
         while self.sched.has_work():
@@ -202,12 +202,24 @@ class FakeEngine:
         """(step, start, num_tokens, samples) for every chunk of `seq`, in order."""
         return [(step, start, n, samples) for step, s, start, n, samples in self.log if s is seq]
 
+    def samples(self, group: SequenceGroup) -> list[Sequence]:
+        """Every sample's sequence, by index (samples not forked yet are missing)."""
+        return [s.seq for s in self.generations[group.request_id].samples if s.seq is not None]
+
     def first_seq(self, group: SequenceGroup) -> Sequence:
-        return self.samples[group.request_id][0]
+        return self.samples(group)[0]
 
     def outputs_of(self, group: SequenceGroup) -> list[list[int]]:
-        """The generated tokens of every sample of `group`, by index."""
-        return [s.generated_ids for s in self.samples[group.request_id]]
+        """The tokens the client was sent for every sample of `group`, by index."""
+        tokens: dict[int, list[int]] = {}
+        for event in self.events.get(group.request_id, []):
+            if not event.provisional:
+                tokens.setdefault(event.index, []).extend(event.token_ids)
+        return [tokens[i] for i in sorted(tokens)]
+
+    def final(self, group: SequenceGroup) -> TokenEvent:
+        [event] = [e for e in self.events.get(group.request_id, []) if e.final]
+        return event
 
 
 def step_alone(sched: Scheduler) -> SchedulerOutput:
@@ -473,7 +485,7 @@ def test_preempting_a_group_frees_every_member_and_requeues_the_whole_group_firs
         assert len(eng.outputs) < 10
     preempt_step = len(eng.outputs) - 1
     assert out.preempted == [samples]
-    members = eng.samples[samples.request_id]
+    members = eng.samples(samples)
     assert len(members) == 3 and samples.seqs == members, "the group had forked into its 3 samples"
     assert all(m.num_generated >= 1 for m in members)
     for member in members:
@@ -518,7 +530,7 @@ def test_preemption_under_pressure_still_gives_every_sequence_exactly_its_tokens
     eng.run(max_steps=500)
     assert any(out.preempted for out in eng.outputs), "the store is too small: something must be preempted"
     for group in groups:
-        [seq] = eng.samples[group.request_id]
+        [seq] = eng.samples(group)
         assert seq.generated_ids == expected_output(group)
         assert seq.token_ids[: seq.prompt_len] == list(group.request.prompt_ids)
     assert eng.blocks.num_used == 0
@@ -615,7 +627,7 @@ def test_a_beam_group_alone_in_a_store_that_fits_it_finishes():
     eng.add(group)
     eng.run(max_steps=10)
     assert not any(out.preempted for out in eng.outputs), "it fits: nothing needs to be preempted"
-    assert len(eng.final_beams[group.request_id]) == 2 and eng.blocks.num_used == 0
+    assert eng.final(group).hypotheses and eng.blocks.num_used == 0
 
 
 def test_beam_reselection_frees_what_no_child_keeps_and_keeps_what_children_share():
@@ -700,7 +712,7 @@ def test_finishing_a_group_of_samples_frees_every_member_and_shared_blocks_once(
     eng.add(group)
     for _ in range(3):
         eng.step()
-    members = eng.samples[group.request_id]
+    members = eng.samples(group)
     assert len(group.seqs) == 3 and eng.blocks.num_used > 3
     eng.sched.finish(group)
     assert all(m.status is Status.FINISHED and m.block_table == [] for m in members)
@@ -715,7 +727,7 @@ def test_finishing_one_sample_frees_only_what_it_alone_holds():
     eng.add(group)
     eng.step()  # prefill and fork
     eng.step()  # both write into the shared partial block: one copy
-    parent, child = eng.samples[group.request_id]
+    parent, child = eng.samples(group)
     shared = [b for b in parent.block_table if b in child.block_table]
     private = [b for b in child.block_table if b not in shared]
     assert len(shared) == 2 and len(private) == 1
@@ -823,11 +835,10 @@ def test_random_workloads_finish_every_sequence_with_exactly_its_tokens(workload
         params = group.request.params
         assert group.status is Status.FINISHED
         if params.is_beam:
-            final = eng.final_beams[group.request_id]
-            assert len(final) == params.num_beams
-            for beam in final:
-                assert beam.token_ids[: beam.prompt_len] == list(group.request.prompt_ids)
-                assert [(t - FIRST_FAKE_TOKEN) % SAMPLE_STRIDE for t in beam.generated_ids] == list(
+            final = eng.final(group)
+            assert len(final.hypotheses) == params.num_return_sequences
+            for beam in final.hypotheses:
+                assert [(t - FIRST_FAKE_TOKEN) % SAMPLE_STRIDE for t in beam.token_ids] == list(
                     range(params.max_new_tokens)
                 ), "a beam lost or repeated a step"
         else:

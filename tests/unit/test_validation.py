@@ -280,3 +280,69 @@ def test_a_prompt_filling_the_context_is_rejected():
 
 def test_a_prompt_leaving_one_token_of_room_is_accepted():
     check_prompt_ids([1] * 99, vocab_size=10, limits=LIMITS)
+
+
+# Limits: built from flags, resolved once against the model
+
+def test_limits_resolve_the_context_to_the_model_capped_by_max_model_len():
+    assert Limits().resolved(2048, max_num_seqs=64).context_length == 2048
+    assert Limits(max_model_len=512).resolved(2048, max_num_seqs=64).context_length == 512
+    assert Limits(max_model_len=4096).resolved(2048, max_num_seqs=64).context_length == 2048  # never above the model
+    assert Limits(max_model_len=0).resolved(2048, max_num_seqs=64).context_length == 2048  # 0: no cap, as before
+
+
+def test_limits_resolve_beams_and_samples_to_at_most_one_step_of_rows():
+    flags = Limits(max_new_tokens=77, max_num_beams=8, max_num_return_sequences=6)
+    narrow = flags.resolved(1024, max_num_seqs=4)
+    assert (narrow.max_num_beams, narrow.max_num_return_sequences) == (4, 4)
+    wide = flags.resolved(1024, max_num_seqs=64)
+    assert (wide.max_num_beams, wide.max_num_return_sequences) == (8, 6)
+    assert wide.max_new_tokens == 77 and flags.context_length is None  # the flags' copy is left as it was
+
+
+# The contract (proto/tokenloom/v1/generation.proto) and these dataclasses name the same things
+
+def _fields(cls) -> dict:
+    import dataclasses
+
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _optional_in_proto() -> list[str]:
+    """The parameters with explicit presence (proto3 `optional`), read from the contract itself."""
+    from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
+
+    return [f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.has_presence]
+
+
+def test_every_optional_parameter_of_the_proto_is_a_raw_param_that_defaults_to_unset():
+    from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
+
+    optional = _optional_in_proto()
+    assert "temperature" in optional and "do_sample" not in optional
+    raw = _fields(RawParams)
+    missing = [name for name in optional if name not in raw or raw[name].default is not None]
+    assert not missing, f"RawParams lacks these optional proto fields (or does not default them to None): {missing}"
+    assert set(raw) == {f.name for f in pb.GenerationParameters.DESCRIPTOR.fields}
+
+
+def test_the_servicer_passes_each_optional_parameter_on_as_set_or_unset():
+    from tokenloom.front.servicer import _raw_params
+    from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
+
+    optional = _optional_in_proto()
+    unset = _raw_params(pb.GenerationParameters())
+    assert {name: getattr(unset, name) for name in optional} == dict.fromkeys(optional)
+    zeros = _raw_params(pb.GenerationParameters(**dict.fromkeys(optional, 0)))  # zero is set, not unset
+    assert {name: getattr(zeros, name) for name in optional} == dict.fromkeys(optional, 0)
+
+
+def test_model_info_reports_every_request_ceiling_under_its_own_name():
+    from tokenloom.front.servicer import _REQUEST_LIMITS, _SERVER_LIMITS
+    from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
+
+    reported = [f.name for f in pb.Limits.DESCRIPTOR.fields]
+    assert set(_SERVER_LIMITS) <= set(reported)
+    unknown = [name for name in _REQUEST_LIMITS if name not in _fields(Limits)]
+    assert not unknown, f"pb.Limits fields that validation.Limits lacks: {unknown}"
+    assert sorted((*_REQUEST_LIMITS, *_SERVER_LIMITS)) == sorted(reported)

@@ -1,26 +1,30 @@
-"""The step loop: schedule -> run -> sample -> update -> emit, in a thread of its own.
+"""The step loop, in a thread of its own: schedule -> execute -> update -> publish.
 
-The asyncio side talks to the engine only through `submit` and `abort`, which
-queue work for the next step, and the `publish` callback, which receives the
-events of a whole step at once (the server hands them to the event loop).
+    plan = scheduler.schedule()                    # which sequences compute which tokens (pure)
+    rows = [live[request].row(chunk) ...]          # what each chunk must produce (pure, per mode)
+    outputs = executor.execute(Batch(rows, ...))   # one forward + the sampler (the only torch)
+    events = live[request].apply(its rows' outputs) ...
+
+The asyncio side talks to the engine only through `submit` and `abort`, which queue work for
+the next step, and the `publish` callback, which receives the events of a whole step at once
+(the server hands them to the event loop). This module imports no torch: the executor comes in
+from outside, and a fabricated one drives it in the tests.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Protocol
 
-from ..fault import FaultPlan
-from .generation import Generation
-from .heap import HeapTrimmer
 from ..metrics import Metrics
-from ..executor.model_runner import ModelRunner, RunnerOutput
 from ..request import EngineUnavailable, FinishReason, GenerationRequest, RequestTooLarge, TokenEvent
-from ..executor.sampler import Sampler
+from . import generation
+from .batch import Batch, Row, RowOutput
+from .generation import Generation, GenerationContext
+from .heap import HeapTrimmer
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import SequenceGroup
 
@@ -28,59 +32,59 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[list[TokenEvent]], None]
 OnExit = Callable[[BaseException | None], None]
+Start = Callable[[SequenceGroup, GenerationContext], Generation]
+
+
+class Executor(Protocol):
+    """The torch side: one forward over a batch's rows, then what each row asked for."""
+
+    kv_bytes_per_block: int
+
+    def execute(self, batch: Batch) -> list[RowOutput]: ...
 
 
 class Engine:
     def __init__(
         self,
-        runner: ModelRunner,
+        executor: Executor,
         scheduler: Scheduler,
-        tokenizer,
-        eos_token_ids: frozenset[int],
+        context: GenerationContext,
         publish: Publish,
-        sampler: Sampler | None = None,
         metrics: Metrics | None = None,
-        faults: FaultPlan | None = None,
         on_exit: OnExit | None = None,
+        start: Start = generation.start,  # picks a request's mode; tests wrap it to inject faults
     ):
-        self.runner = runner
+        self.executor = executor
         self.scheduler = scheduler
-        self.tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids
+        self.context = context
         self.publish = publish
-        self.sampler = sampler or Sampler()
         self.metrics = metrics or Metrics()
-        self.faults = faults or FaultPlan()
         self.on_exit = on_exit  # called from the engine thread when it ends: None, or what killed it
-        self._kv_block_bytes = runner.cache.bytes_per_block
+        self._start = start
         self._preemptions_seen = 0
         self._unscheduled: set[str] = set()  # admitted requests not yet in a step: their queue wait is open
         self._live: dict[str, Generation] = {}
-        self._token_texts: dict[int, str] = {}
         self._inbox: deque[tuple[str, object]] = deque()
         self._admitting: GenerationRequest | None = None  # taken from the inbox, not yet live
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._seq_ids = itertools.count()
         self._heap = HeapTrimmer()
         self.steps = 0
 
     # -- called from any thread ------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
-        params = request.params
-        tokens = len(request.prompt_ids) + (0 if request.score_from is not None else params.max_new_tokens)
-        width = 1 if request.score_from is not None else params.width
+        width = request.params.width
         if width > self.scheduler.config.max_num_seqs:
             raise RequestTooLarge(
                 f"the request needs {width} rows in one step; the server runs at most "
                 f"{self.scheduler.config.max_num_seqs} (--max-num-seqs)"
             )
-        if not self.scheduler.fits_ever(tokens, width):
+        if not self.scheduler.fits_ever(request.max_len, width):
             capacity = self.scheduler.blocks.num_blocks * self.scheduler.blocks.block_size
             raise RequestTooLarge(
-                f"{width} sequence(s) of up to {tokens} tokens need more KV than the store holds "
+                f"{width} sequence(s) of up to {request.max_len} tokens need more KV than the store holds "
                 f"({capacity} tokens); lower max_new_tokens, num_beams or num_return_sequences"
             )
         self._post("add", request)
@@ -177,7 +181,7 @@ class Engine:
         """Take in new requests and aborts, then run one step if there is work."""
         self._drain_inbox()
         if self.scheduler.has_work():
-            self._step_safely()
+            self.publish(self.step())
         self._record_state()
 
     def _drain_inbox(self) -> None:
@@ -189,7 +193,6 @@ class Engine:
                 kind, item = self._inbox.popleft()
             if kind == "add":
                 self._admitting = item
-                self.faults.on_admit(item.params.seed, item.request_id)
                 try:
                     self._admit(item)
                 except Exception as exc:
@@ -202,18 +205,13 @@ class Engine:
             self.publish(events)
 
     def _admit(self, request: GenerationRequest) -> None:
-        group = SequenceGroup.from_request(next(self._seq_ids), request)
-        self._live[request.request_id] = Generation(
-            group, self.tokenizer, self.eos_token_ids, self._token_text, self._seq_ids
-        )
-        self.scheduler.add(group)
-        self._unscheduled.add(request.request_id)
+        self.add(SequenceGroup.from_request(next(self.context.seq_ids), request))
 
-    def _token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
+    def add(self, group: SequenceGroup) -> None:
+        """Take a request's group in now, in its mode. Engine thread only: other threads `submit`."""
+        self._live[group.request_id] = self._start(group, self.context)
+        self.scheduler.add(group)
+        self._unscheduled.add(group.request_id)
 
     def _end(self, request_id: str, reason: FinishReason, error: str = "") -> TokenEvent:
         self._unscheduled.discard(request_id)
@@ -228,100 +226,72 @@ class Engine:
             self._live.pop(request_id, None)
             return TokenEvent(request_id, finish_reason=FinishReason.ERROR, final=True, error=error)
 
-    def _step_safely(self) -> None:
+    def step(self) -> list[TokenEvent]:
+        """Schedule, one forward over every scheduled row, then each request's own bookkeeping.
+        A failed forward fails this step's requests; a request whose bookkeeping raises fails alone
+        (INTERNAL to its client); the engine goes on either way."""
         started = time.monotonic()
-        out = self.scheduler.schedule()
-        for group in out.preempted:
+        plan = self.scheduler.schedule()
+        for group in plan.preempted:
             self._live[group.request_id].restart()
-        if not out.chunks:
-            return
-        if self._unscheduled:
-            self._record_queue_waits(out, started)
-        try:
-            events = self.step(out)
-        except Exception as exc:  # a failed forward or sampler fails the step's requests, never the engine
-            log.exception("engine step failed")
-            touched = {chunk.seq.request_id for chunk in out.chunks}
-            events = [self._end_quietly(rid, _describe(exc)) for rid in touched if rid in self._live]
-        self.publish(events)
-        self.metrics.step(time.monotonic() - started, len(out.chunks), out.num_tokens)
-
-    def step(self, out: SchedulerOutput) -> list[TokenEvent]:
-        """One forward over the scheduled chunks, then each request's own bookkeeping. A request
-        whose bookkeeping raises fails alone (INTERNAL to its client); the others go on."""
-        result = self.runner.execute(out)
-        self.scheduler.step_done(out)
-        events = self._score(out, result)
-        by_request: dict[str, list] = {}
-        for chunk, first, _ in result.rows:
-            if chunk.seq.request.score_from is None:
-                by_request.setdefault(chunk.seq.request_id, []).append((chunk.seq, first))
-        rows = []  # (generation, sequence, logits row, sample row)
-        for request_id, seqs in by_request.items():
-            gen = self._live[request_id]
-            try:
-                rows += [(gen, seq, first, self._sample_row(gen, seq)) for seq, first in seqs]
-            except Exception as exc:
-                events.append(self._fail(request_id, exc))
+        self._record_queue_waits(plan, started)
+        rows, events = self._rows(plan)
         if rows:
-            logits = result.logits[[first for _, _, first, _ in rows]]  # [rows, vocab]
-            sampled = self.sampler(logits, [row for _, _, _, row in rows])
-            events += self._apply(rows, sampled)
-        self.steps += 1
+            batch = Batch(rows, plan.block_copies)
+            try:
+                outputs = self.executor.execute(batch)
+            except Exception as exc:
+                log.exception("engine step failed")
+                failed = dict.fromkeys(row.request_id for row in rows)
+                return events + [self._end_quietly(rid, _describe(exc)) for rid in failed if rid in self._live]
+            self.scheduler.step_done(plan)
+            events += self._update(rows, outputs)
+            self.steps += 1
+            self.metrics.step(time.monotonic() - started, len(rows), batch.num_tokens)
         for event in events:
             if event.final:
                 self._live.pop(event.request_id, None)
         return events
 
-    def _sample_row(self, gen: Generation, seq):
-        self.faults.on_sampling(gen.params.seed, seq.num_generated, gen.request_id)
-        return gen.sample_row(seq)
+    def _rows(self, plan: SchedulerOutput) -> tuple[list[Row], list[TokenEvent]]:
+        """Each scheduled chunk as its request's mode wants it computed."""
+        rows, events, failed = [], [], set()
+        for chunk in plan.chunks:
+            request_id = chunk.seq.request_id
+            if request_id in failed:
+                continue
+            try:
+                rows.append(self._live[request_id].row(chunk))
+            except Exception as exc:
+                failed.add(request_id)
+                events.append(self._fail(request_id, exc))
+        if failed:  # their blocks are free now: nothing of theirs may be computed
+            rows = [row for row in rows if row.request_id not in failed]
+        return rows, events
+
+    def _update(self, rows: list[Row], outputs: list[RowOutput]) -> list[TokenEvent]:
+        """Hand each request its rows' outputs, all at once (a beam step needs every beam)."""
+        results: dict[str, list[tuple[Row, RowOutput]]] = {}
+        for row, output in zip(rows, outputs, strict=True):
+            results.setdefault(row.request_id, []).append((row, output))
+        events = []
+        for request_id, done in results.items():
+            try:
+                events += self._live[request_id].apply(done, self.scheduler)
+            except Exception as exc:
+                events.append(self._fail(request_id, exc))
+        return events
 
     def _fail(self, request_id: str, exc: Exception) -> TokenEvent:
         log.exception("request %s failed in its step; the others go on", request_id)
         return self._end_quietly(request_id, _describe(exc))
 
-    def _score(self, out: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
-        """Scoring rows: log-probabilities of their continuation tokens."""
-        rows = {id(chunk): (first, count) for chunk, first, count in result.rows}
-        events = []
-        for chunk in out.chunks:
-            gen = self._live.get(chunk.seq.request_id)
-            if gen is None or not gen.is_scoring:
-                continue
-            try:
-                first, count = rows.get(id(chunk), (0, 0))
-                logprobs = []
-                if count:
-                    start = max(chunk.start, chunk.seq.request.score_from - 1)
-                    labels = chunk.seq.token_ids[start + 1 : start + 1 + count]
-                    logprobs = self.sampler.label_logprobs(result.logits[first : first + count], labels)
-                events += gen.on_scores(logprobs, chunk.samples, self.scheduler)
-            except Exception as exc:
-                events.append(self._fail(gen.request_id, exc))
-        return events
-
-    def _apply(self, rows, sampled) -> list[TokenEvent]:
-        per_request: dict[str, list] = {}
-        for (gen, seq, _, _), row in zip(rows, sampled):
-            per_request.setdefault(gen.request_id, []).append((gen, seq, row))
-        events = []
-        for request_id, results in per_request.items():
-            gen = results[0][0]
-            try:
-                if gen.beams is not None:
-                    events += gen.on_beam_step([row for _, _, row in results], self.scheduler)
-                else:
-                    for _, seq, row in results:
-                        events += gen.on_sampled(seq, row, self.scheduler)
-            except Exception as exc:
-                events.append(self._fail(request_id, exc))
-        return events
-
     # -- accounting --------------------------------------------------------------
 
-    def _record_queue_waits(self, out: SchedulerOutput, now: float) -> None:
-        for chunk in out.chunks:
+    def _record_queue_waits(self, plan: SchedulerOutput, now: float) -> None:
+        if not self._unscheduled:
+            return
+        for chunk in plan.chunks:
             request = chunk.seq.request
             if request.request_id in self._unscheduled:
                 self._unscheduled.discard(request.request_id)
@@ -335,14 +305,10 @@ class Engine:
             running_seqs=sum(len(g.seqs) for g in scheduler.running),
             kv_used_blocks=blocks.num_used,
             kv_total_blocks=blocks.num_blocks,
-            kv_bytes_used=blocks.num_used * self._kv_block_bytes,
+            kv_bytes_used=blocks.num_used * self.executor.kv_bytes_per_block,
         )
         self.metrics.preempted(scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = scheduler.num_preemptions
-
-    @property
-    def num_live(self) -> int:
-        return len(self._live)
 
 
 def _describe(exc: BaseException) -> str:

@@ -226,14 +226,19 @@ class Scheduler:
         for chunk in out.chunks:
             chunk.seq.num_computed += chunk.num_tokens
 
+    def branch(self, parent: Sequence, token_ids: list[int], seq_id: int) -> Sequence:
+        """A sequence that shares `parent`'s computed KV and continues with `token_ids` (not yet a
+        member of any group: `fork` adds it to one, beam reselection replaces members with it)."""
+        return parent.child(seq_id, token_ids, self.blocks.fork(parent.block_table))
+
     def fork(self, group: SequenceGroup, parent: Sequence, token_ids: list[int], seq_id: int) -> Sequence:
         """A new member of `group` that shares `parent`'s computed KV and continues with `token_ids`."""
-        child = parent.child(seq_id, token_ids, self.blocks.fork(parent.block_table))
+        child = self.branch(parent, token_ids, seq_id)
         group.seqs.append(child)
         return child
 
     def replace_members(self, group: SequenceGroup, members: list[Sequence]) -> None:
-        """Swap a group's sequences (beam reselection): `members` hold forked tables already."""
+        """Swap a group's sequences (beam reselection): `members` come from `branch`."""
         for seq in group.seqs:
             self.blocks.free(seq.block_table)
             seq.status = Status.FINISHED

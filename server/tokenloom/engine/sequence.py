@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ..request import FinishReason, GenerationRequest
+from ..request import GenerationRequest
 
 
 class Status(enum.Enum):
@@ -31,7 +31,6 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
 
     @classmethod
     def from_request(cls, seq_id: int, request: GenerationRequest) -> "Sequence":

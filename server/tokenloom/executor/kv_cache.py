@@ -29,10 +29,6 @@ class KVShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
 
-    def bytes_per_token(self, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
-
 
 class KVCache:
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device):

@@ -1,63 +1,64 @@
-"""Builds the packed batch of one step, runs the HF model, returns the logits to sample from.
+"""Executes one step's batch: builds the packed input, runs the model, samples and scores.
 
-All rows' new tokens go into one `[1, total_tokens]` sequence; the LM head runs
-only at the last token of each chunk that samples (`logits_to_keep`).
+All rows' new tokens go into one `[1, total_tokens]` sequence; the LM head runs only at the
+positions whose logits some row needs (`logits_to_keep`): the last position of a row that
+draws, every scored position of a scoring row. The answer is plain data, one `RowOutput` per
+row (engine/batch.py), so nothing after this module sees a tensor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..engine.batch import Batch, Row, RowOutput
 from .attention import AttentionBatch, PrefillSegment
 from .kv_cache import KVCache
-from ..engine.scheduler import ScheduledChunk, SchedulerOutput
-
-
-@dataclass
-class RunnerOutput:
-    logits: torch.Tensor  # [kept positions, vocab], float32
-    # For each chunk whose logits are used, its first row in `logits` and how many:
-    # one row (the last position) for a sampling chunk, every scored position for a
-    # scoring chunk (the positions that predict a continuation token).
-    rows: list[tuple[ScheduledChunk, int, int]]
-
-
-def kept_positions(chunk: ScheduledChunk) -> range:
-    """Positions of `chunk` whose logits the engine needs."""
-    seq, end = chunk.seq, chunk.start + chunk.num_tokens
-    score_from = seq.request.score_from
-    if score_from is not None:
-        # Position p predicts token p + 1; the last position predicts nothing.
-        return range(max(chunk.start, score_from - 1), min(end, len(seq.token_ids) - 1))
-    return range(end - 1, end) if chunk.samples else range(0)
+from .sampler import Sampler
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, device, decode_kernel=None):
+    def __init__(self, model, cache: KVCache, device, decode_kernel=None, sampler: Sampler | None = None):
         self.model = model
         self.decode_kernel = decode_kernel  # decode_kernel.load()'s function, or None for the torch path
         self.cache = cache
         self.device = torch.device(device)
         self.block_size = cache.block_size
+        self.sampler = sampler or Sampler()
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.cache.bytes_per_block
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self.cache.copy_blocks(out.block_copies)
-        chunks = out.chunks
-        ids, positions, slots, keep, rows = [], [], [], [], []
+    def execute(self, batch: Batch) -> list[RowOutput]:
+        self.cache.copy_blocks(batch.block_copies)
+        logits, kept = self._forward(batch.rows)  # [kept positions, vocab]; each row's first kept index
+        outputs = [RowOutput() for _ in batch.rows]
+        drawing = [i for i, row in enumerate(batch.rows) if row.sample is not None]
+        if drawing:
+            # A drawing row's one kept position is its last.
+            index = torch.tensor([kept[i] for i in drawing], device=logits.device)
+            drawn = self.sampler(logits.index_select(0, index), [batch.rows[i].sample for i in drawing])
+            for i, out in zip(drawing, drawn):
+                outputs[i] = out
+        for i, row in enumerate(batch.rows):
+            if row.scored:
+                labels = [row.seq.token_ids[p + 1] for p in row.scored]
+                outputs[i].scored_logprobs = self.sampler.label_logprobs(logits[kept[i] : kept[i] + len(row.scored)], labels)
+        return outputs
+
+    def _forward(self, rows: list[Row]) -> tuple[torch.Tensor, list[int]]:
+        ids, positions, slots, keep, kept = [], [], [], [], []
         offset = 0
-        for chunk in chunks:
-            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(self._slots(seq.block_table, start, start + n))
-            wanted = kept_positions(chunk)
-            if wanted:
-                rows.append((chunk, len(keep), len(wanted)))
-                keep.extend(offset + p - start for p in wanted)
-            offset += n
+        for row in rows:
+            seq, start, end = row.seq, row.start, row.end
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slots(seq.block_table, start, end))
+            kept.append(len(keep))
+            wanted = range(end - 1, end) if row.sample is not None else row.scored
+            keep.extend(offset + p - start for p in wanted)
+            offset += row.num_tokens
         dev = self.device
         batch = AttentionBatch(
             cache=self.cache,
@@ -69,7 +70,7 @@ class ModelRunner:
             decode_kernel=self.decode_kernel,
             prefills=[],
         )
-        self._plan_attention(chunks, batch)
+        self._plan_attention(rows, batch)
         logits = self.model(
             input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
             position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
@@ -77,27 +78,26 @@ class ModelRunner:
             use_cache=False,
             tokenloom_batch=batch,
         ).logits[0]
-        return RunnerOutput(logits=logits.float(), rows=rows)
+        return logits.float(), kept
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _plan_attention(self, chunks: list[ScheduledChunk], batch: AttentionBatch) -> None:
+    def _plan_attention(self, rows: list[Row], batch: AttentionBatch) -> None:
         dev = self.device
         decode_rows, decode_ctx, decode_tables = [], [], []
         offset = 0
-        for chunk in chunks:
-            ctx = chunk.start + chunk.num_tokens
-            if chunk.num_tokens == 1:
+        for row in rows:
+            if row.num_tokens == 1:
                 decode_rows.append(offset)
-                decode_ctx.append(ctx)
-                decode_tables.append(chunk.seq.block_table)
-            elif chunk.start == 0:
-                batch.prefills.append(PrefillSegment(offset, chunk.num_tokens, None, None))
+                decode_ctx.append(row.end)
+                decode_tables.append(row.seq.block_table)
+            elif row.start == 0:
+                batch.prefills.append(PrefillSegment(offset, row.num_tokens, None, None))
             else:
-                batch.prefills.append(self._chunk_segment(chunk, offset))
-            offset += chunk.num_tokens
+                batch.prefills.append(self._chunk_segment(row, offset))
+            offset += row.num_tokens
         if decode_rows:
             width = -(-max(decode_ctx) // self.block_size)  # blocks of the longest row
             batch.decode_index = torch.tensor(decode_rows, dtype=torch.long, device=dev)
@@ -109,14 +109,14 @@ class ModelRunner:
                 mask = torch.arange(width * self.block_size, device=dev)[None, :] < lengths[:, None]
                 batch.decode_mask = mask[:, None, None, :]  # [rows, 1, 1, width * block_size]
 
-    def _chunk_segment(self, chunk: ScheduledChunk, offset: int) -> PrefillSegment:
+    def _chunk_segment(self, row: Row, offset: int) -> PrefillSegment:
         """A prompt chunk after the first: attends to its history in the store, causally."""
         dev = self.device
-        ctx = chunk.start + chunk.num_tokens
-        ctx_slots = self._gather_slots([chunk.seq.block_table], ctx)[0]
-        q_pos = torch.arange(chunk.start, ctx, device=dev)
+        ctx = row.end
+        ctx_slots = self._gather_slots([row.seq.block_table], ctx)[0]
+        q_pos = torch.arange(row.start, ctx, device=dev)
         mask = torch.arange(ctx, device=dev)[None, :] <= q_pos[:, None]  # [q_len, ctx]
-        return PrefillSegment(offset, chunk.num_tokens, ctx_slots, mask)
+        return PrefillSegment(offset, row.num_tokens, ctx_slots, mask)
 
     def _gather_slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
         """`[rows, length]` slots of positions 0..length-1 of each table (padding reads block 0)."""

@@ -2,65 +2,42 @@
 
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p
 (HF's order and semantics) inside a top-k window, then draw by inverse CDF
-with one uniform per row from that request's own generator, so a seeded
-request draws the same numbers whatever else shares the batch. No full
+with the uniform the row's spec carries (engine/draws.py: a function of the
+request's seed and the token's place), so a seeded request draws the same
+tokens whatever else shares the batch. No full
 vocabulary sort unless some row disables top-k, and no `torch.multinomial`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from .logits_processors import RowContext, apply_penalties
+from ..engine.batch import RowOutput, SampleSpec
 from ..request import SamplingParams
+from .logits_processors import RowContext, apply_penalties
 
 
-@dataclass
-class SampleRow:
-    """What the sampler needs to know about one row."""
-
-    params: SamplingParams
-    context: RowContext  # history and penalties (HF's logits processors)
-    randoms: list[RowRandom | None]  # one draw per entry (n samples of a prompt draw n); None = greedy
-    beam_candidates: int = 0  # beam rows: how many (token, log-prob) candidates to return instead
-
-
-@dataclass
-class RowResult:
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # raw model log-prob of each drawn token
-    top_tokens: list[tuple[int, float]] = field(default_factory=list)  # top_n alternatives, raw log-probs
-    candidates: list[tuple[int, float]] = field(default_factory=list)  # beam rows: processed log-probs
-
-
-class RowRandom:
-    """A request's private random stream: one uniform per sampling step."""
-
-    def __init__(self, seed: int | None):
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
-
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator))
+def penalty_context(spec: SampleSpec) -> RowContext:
+    p = spec.params
+    return RowContext(
+        token_ids=spec.token_ids, prompt_len=spec.prompt_len, repetition_penalty=p.repetition_penalty,
+        no_repeat_ngram_size=p.no_repeat_ngram_size, min_new_tokens=p.min_new_tokens,
+        eos_token_ids=spec.eos_token_ids,
+    )
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[RowResult]:
-        # logits: [rows, vocab] float32
+    def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[RowOutput]:
+        # logits: [rows, vocab] float32, row i drawn as specs[i] says
         raw = torch.log_softmax(logits, dim=-1)  # the model's own distribution
-        results = [RowResult() for _ in rows]
-        self._top_n(raw, rows, results)
-        beam = [i for i, r in enumerate(rows) if r.beam_candidates]
+        results = [RowOutput() for _ in specs]
+        self._top_n(raw, specs, results)
+        beam = [i for i, s in enumerate(specs) if s.beam_width]
         if beam:
-            self._beam_candidates(raw, beam, rows, results)
-        drawn = [i for i, r in enumerate(rows) if not r.beam_candidates]
+            self._beam_candidates(raw, beam, specs, results)
+        drawn = [i for i, s in enumerate(specs) if not s.beam_width]
         if drawn:
-            self._draw(logits, raw, drawn, rows, results)
+            self._draw(logits, raw, drawn, specs, results)
         return results
 
     @staticmethod
@@ -70,39 +47,38 @@ class Sampler:
         return torch.log_softmax(logits, dim=-1).gather(1, index)[:, 0].tolist()
 
     @staticmethod
-    def _top_n(raw: torch.Tensor, rows: list[SampleRow], results: list[RowResult]) -> None:
-        wanted = [i for i, r in enumerate(rows) if r.params.top_n]
+    def _top_n(raw: torch.Tensor, specs: list[SampleSpec], results: list[RowOutput]) -> None:
+        wanted = [i for i, s in enumerate(specs) if s.params.top_n]
         if not wanted:
             return
-        n = max(rows[i].params.top_n for i in wanted)
+        n = max(specs[i].params.top_n for i in wanted)
         values, index = raw[wanted].topk(n, dim=-1)  # [wanted, n], best first
         for i, vals, ids in zip(wanted, values.tolist(), index.tolist()):
-            k = rows[i].params.top_n
+            k = specs[i].params.top_n
             results[i].top_tokens = list(zip(ids[:k], vals[:k]))
 
     @staticmethod
-    def _beam_candidates(raw: torch.Tensor, beam: list[int], rows: list[SampleRow], results: list[RowResult]) -> None:
+    def _beam_candidates(raw: torch.Tensor, beam: list[int], specs: list[SampleSpec], results: list[RowOutput]) -> None:
         # HF beam search applies the processors to log-softmax scores.
-        scores = apply_penalties(raw[beam], [rows[i].context for i in beam])
-        k = max(rows[i].beam_candidates for i in beam)
+        scores = apply_penalties(raw[beam], [penalty_context(specs[i]) for i in beam])
+        k = max(specs[i].beam_width for i in beam)
         values, index = scores.topk(k, dim=-1)
         for i, vals, ids in zip(beam, values.tolist(), index.tolist()):
-            k_i = rows[i].beam_candidates
+            k_i = specs[i].beam_width
             results[i].candidates = list(zip(ids[:k_i], vals[:k_i]))
 
-    def _draw(self, logits, raw, drawn: list[int], rows: list[SampleRow], results: list[RowResult]) -> None:
-        processed = apply_penalties(logits[drawn], [rows[i].context for i in drawn])  # [drawn, vocab]
+    def _draw(self, logits, raw, drawn: list[int], specs: list[SampleSpec], results: list[RowOutput]) -> None:
+        processed = apply_penalties(logits[drawn], [penalty_context(specs[i]) for i in drawn])  # [drawn, vocab]
         # One line per draw: a prompt with n samples is drawn n times from its one row.
-        line_row = [pos for pos, i in enumerate(drawn) for _ in rows[i].randoms]
-        line_random = [rnd for i in drawn for rnd in rows[i].randoms]
-        line_params = [rows[drawn[pos]].params for pos in line_row]
+        line_row = [pos for pos, i in enumerate(drawn) for _ in specs[i].uniforms]
+        line_uniform = [u for i in drawn for u in specs[i].uniforms]
         lines = processed[line_row]  # [draws, vocab]
         tokens = lines.argmax(dim=-1)
-        sampled = [j for j, p in enumerate(line_params) if p.do_sample]
+        sampled = [j for j, u in enumerate(line_uniform) if u is not None]
         if sampled:
-            uniforms = [line_random[j].uniform() for j in sampled]
             index = torch.tensor(sampled, device=logits.device)
-            tokens[index] = self._sample(lines[index], [line_params[j] for j in sampled], uniforms)
+            params = [specs[drawn[line_row[j]]].params for j in sampled]
+            tokens[index] = self._sample(lines[index], params, [line_uniform[j] for j in sampled])
         source = torch.tensor([drawn[pos] for pos in line_row], device=logits.device)
         chosen = raw[source].gather(1, tokens[:, None])[:, 0]
         for pos, token, logprob in zip(line_row, tokens.tolist(), chosen.tolist()):
@@ -145,14 +121,13 @@ class Sampler:
         # (the most likely token always stays).
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p[:, None], 0.0)
-        # Read with getattr: SamplingParams gains min_p / typical_p in a separate change.
-        min_p = [getattr(p, "min_p", 0.0) for p in params]
+        min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
             # HF min-p on the top-p-filtered distribution; renormalising it would not change p / p_max,
             # and column 0 holds p_max, so that token (the one HF's min_tokens_to_keep=1 saves) stays.
             floor = torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * probs[:, :1]
             probs = probs.masked_fill(probs < floor, 0.0)
-        typical_p = [getattr(p, "typical_p", 1.0) for p in params]
+        typical_p = [p.typical_p for p in params]
         if any(t < 1.0 for t in typical_p):
             # HF typical-p on what min-p left: rank tokens by |-log p - entropy| and keep the least
             # surprising ones until their mass reaches typical_p, plus every token tied with the last.

@@ -8,6 +8,13 @@ and maps `Rejected` to RESOURCE_EXHAUSTED and `Closed` to UNAVAILABLE.
 its first engine event (its first token, or its scores), i.e. while it waits for a slot
 and is prefilled: the backlog that time to first token depends on. A preempted
 request that goes back to waiting is not counted again.
+
+Rate windows are asyncio-throttle's `Throttler`, used through its public API only. Its `acquire`
+waits for room, and admission must answer at once: `_RateWindow.try_start` bounds it with
+`asyncio.timeout(0)` (Python 3.11+), which lets an acquire that has room finish without suspending
+and ends one that would wait at its first suspension, before it records anything. The library does
+not say when its window will have room again, so each window also keeps the times of the starts it
+admitted, for the retry hint and for forgetting idle clients.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 from urllib.parse import unquote
@@ -81,27 +89,38 @@ def client_identity(metadata: Iterable[tuple[str, str]], peer: str, key: str) ->
     return peer_host(peer)
 
 
-class _WindowThrottler(Throttler):
-    """asyncio-throttle's sliding window, asked whether it has room instead of waiting for it.
+class _RateWindow:
+    """One client's sliding window of request starts: the throttler decides whether one more fits."""
 
-    `Throttler.acquire` sleeps until a slot frees, which would hold an over-rate client's
-    request on the server; admission must answer at once. The throttler keeps the start
-    times of the last `rate_limit` acquisitions in `_task_logs` (asyncio-throttle 1.0);
-    `wait_time` reads that log, and `acquire` records an admission.
-    """
+    def __init__(self, rate_limit: int, period: float):
+        self._throttler = Throttler(rate_limit, period)
+        self.period = period
+        # The last `rate_limit` starts the throttler admitted, each read just after it read its own:
+        # the same starts as in its window, never earlier, so a hint from them is never too soon.
+        self._starts: deque[float] = deque(maxlen=rate_limit)
 
-    def wait_time(self) -> float:
-        """0 when a request may start now, else the seconds until the window has room."""
-        self.flush()
-        excess = len(self._task_logs) - self.rate_limit
-        if excess < 0:
-            return 0.0
-        return max(self._task_logs[excess] + self.period - time.monotonic(), 0.001)
+    async def try_start(self) -> bool:
+        """Record a start and say True if the window has room now; else False, recording nothing.
 
-    @property
-    def idle(self) -> bool:
-        self.flush()
-        return not self._task_logs
+        Suspends only to say False, for a turn or two of the event loop (no timer): when the window
+        has room, `acquire` returns without awaiting, so the timeout, due at the loop's next turn,
+        never fires. The timeout cancels this task alone and undoes its own cancellation; a
+        cancellation from outside that lands meanwhile still propagates."""
+        try:
+            async with asyncio.timeout(0):
+                await self._throttler.acquire()
+        except TimeoutError:
+            return False  # cancelled in its sleep, before the append that records a start
+        self._starts.append(time.monotonic())
+        return True
+
+    def retry_after(self) -> float:
+        """Seconds until the oldest start leaves the window (asked when the window is full)."""
+        return max(self._starts[0] + self.period - time.monotonic(), 0.001)
+
+    def idle(self, now: float) -> bool:
+        """Nothing left in the window."""
+        return not self._starts or now - self._starts[-1] > self.period
 
 
 class Ticket:
@@ -137,7 +156,7 @@ class Admission:
 
     def __init__(self, config: AdmissionConfig):
         self.config = config
-        self._throttlers: dict[str, _WindowThrottler] = {}
+        self._throttlers: dict[str, _RateWindow] = {}
         self._last_sweep = time.monotonic()
         self._streams: dict[str, int] = {}
         self._open: set[Ticket] = set()
@@ -153,15 +172,14 @@ class Admission:
 
         Raises `Rejected` (nothing is taken) or `Closed`. A rejected request does not count
         against the client's rate: a client retrying after the hint is not punished for it.
+        The rate is checked last, since passing it records the start; a request over several
+        limits is therefore told about a cap before its rate.
         """
         if self._closed:
             raise Closed("the server is shutting down and takes no new requests; retry on another replica")
-        throttler = self._check_rate(client)
         self._check_streams(client)
         self._check_queue(prompt_tokens)
-        if throttler is not None:
-            # Returns without suspending: the window was just seen to have room.
-            await throttler.acquire()
+        await self._check_rate(client)  # suspends only to reject: a pass takes the slots below at once
         ticket = Ticket(self, client, prompt_tokens)
         self._open.add(ticket)
         self._idle.clear()
@@ -193,24 +211,25 @@ class Admission:
 
     # -- the limits --------------------------------------------------------------
 
-    def _check_rate(self, client: str) -> _WindowThrottler | None:
+    async def _check_rate(self, client: str) -> None:
+        """Records the start in `client`'s window, or raises Rejected."""
         cfg = self.config
         if not cfg.rate_limit_per_client:
-            return None
-        self._sweep_idle_throttlers()
-        throttler = self._throttlers.get(client)
-        if throttler is None:
-            throttler = self._throttlers[client] = _WindowThrottler(cfg.rate_limit_per_client, cfg.rate_limit_period)
-        wait = throttler.wait_time()
-        if wait > 0:
-            raise Rejected(
-                "rate_limit_per_client",
-                f"rate limit: client {client!r} started {cfg.rate_limit_per_client} requests in the last "
-                f"{cfg.rate_limit_period:g} s (--rate-limit-per-client {cfg.rate_limit_per_client} per "
-                f"--rate-limit-period {cfg.rate_limit_period:g}); retry in {wait:.3f} s",
-                wait,
-            )
-        return throttler
+            return
+        self._sweep_idle_windows()
+        window = self._throttlers.get(client)
+        if window is None:
+            window = self._throttlers[client] = _RateWindow(cfg.rate_limit_per_client, cfg.rate_limit_period)
+        if await window.try_start():
+            return
+        wait = window.retry_after()
+        raise Rejected(
+            "rate_limit_per_client",
+            f"rate limit: client {client!r} started {cfg.rate_limit_per_client} requests in the last "
+            f"{cfg.rate_limit_period:g} s (--rate-limit-per-client {cfg.rate_limit_per_client} per "
+            f"--rate-limit-period {cfg.rate_limit_period:g}); retry in {wait:.3f} s",
+            wait,
+        )
 
     def _check_streams(self, client: str) -> None:
         cap = self.config.max_streams_per_client
@@ -241,13 +260,13 @@ class Admission:
                 wait,
             )
 
-    def _sweep_idle_throttlers(self) -> None:
+    def _sweep_idle_windows(self) -> None:
         """Forget clients with nothing in their window, at most once a period (amortised)."""
         now = time.monotonic()
         if now - self._last_sweep < self.config.rate_limit_period:
             return
         self._last_sweep = now
-        for client in [c for c, t in self._throttlers.items() if t.idle]:
+        for client in [c for c, w in self._throttlers.items() if w.idle(now)]:
             del self._throttlers[client]
 
     # -- tickets -----------------------------------------------------------------

@@ -29,6 +29,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 # Trailing metadata of a RESOURCE_EXHAUSTED answer: seconds after which a retry may pass.
 RETRY_AFTER_KEY = "retry-after-seconds"
 
+# ModelInfo's pb.Limits: these three describe the server, not a request ceiling; every other field is
+# validation.Limits' field of the same name (a unit test holds the two messages' names together).
+_SERVER_LIMITS = ("max_input_tokens", "max_num_seqs", "kv_cache_tokens")
+_REQUEST_LIMITS = tuple(f.name for f in pb.Limits.DESCRIPTOR.fields if f.name not in _SERVER_LIMITS)
+
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
     FinishReason.EOS: pb.FINISH_REASON_EOS,
@@ -123,16 +128,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             dtype=s.dtype,
             device=s.device,
             limits=pb.Limits(
-                max_new_tokens=limits.max_new_tokens,
-                default_max_new_tokens=limits.default_max_new_tokens,
-                max_stop_strings=limits.max_stop_strings,
-                max_stop_string_length=limits.max_stop_string_length,
+                **{name: getattr(limits, name) for name in _REQUEST_LIMITS},
                 max_input_tokens=limits.context_length - 1,
                 max_num_seqs=s.max_num_seqs,
                 kv_cache_tokens=s.kv_cache_tokens,
-                max_num_beams=limits.max_num_beams,
-                max_num_return_sequences=limits.max_num_return_sequences,
-                max_top_n=limits.max_top_n,
             ),
         )
 
@@ -214,10 +213,9 @@ _EARLY_STOPPING = {
     pb.EARLY_STOPPING_NEVER: "never",
 }
 
-_OPTIONAL = (
-    "max_new_tokens", "max_length", "temperature", "top_k", "top_p", "seed", "num_beams", "length_penalty",
-    "num_return_sequences", "no_repeat_ngram_size", "repetition_penalty", "min_new_tokens", "min_p",
-    "typical_p", "top_n",
+# The scalar parameters with explicit presence (proto3 `optional`): unset reaches RawParams as None.
+_OPTIONAL = tuple(
+    f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.has_presence and f.message_type is None
 )
 
 

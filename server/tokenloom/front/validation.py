@@ -6,6 +6,7 @@ INVALID_ARGUMENT with a message that names the field the user must change.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,9 +24,13 @@ class InvalidArgument(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Server-side ceilings, from flags."""
+    """Server-side ceilings: built once from flags, then `resolved` against the loaded model.
 
-    context_length: int
+    ModelInfo reports each field that its `Limits` message names the same way (servicer.py)."""
+
+    # What a prompt plus its new tokens may span: None until `resolved` knows the model's own.
+    context_length: int | None = None
+    max_model_len: int | None = None  # caps the model's context length (--max-model-len); None or 0: no cap
     max_new_tokens: int = 4096
     default_max_new_tokens: int = 256
     max_stop_strings: int = 16
@@ -35,6 +40,18 @@ class Limits:
     max_num_return_sequences: int = 8
     max_top_n: int = 20
     max_stop_token_ids: int = 16
+
+    def resolved(self, model_context_length: int, max_num_seqs: int) -> Limits:
+        """These limits for a model whose context length is `model_context_length`, served `max_num_seqs`
+        rows a step."""
+        context = min(model_context_length, self.max_model_len) if self.max_model_len else model_context_length
+        return dataclasses.replace(
+            self,
+            context_length=context,
+            # A request's beams or samples run in one step: never wider than a step.
+            max_num_beams=min(self.max_num_beams, max_num_seqs),
+            max_num_return_sequences=min(self.max_num_return_sequences, max_num_seqs),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,75 @@
+"""Beam search requests: every step all beams run, `BeamSearch` picks the next beams from their
+candidates, and each new beam forks its parent's KV (the prompt is stored once).
+
+While it runs, each step streams the best running hypothesis (provisional); the last event
+carries the `num_return_sequences` best finished ones. A preempted beam request starts over
+from its prompt: beams recompute nothing of the old search.
+"""
+
+from __future__ import annotations
+
+from ...request import FinishReason, Hypothesis, TokenEvent
+from ..batch import Row, RowOutput
+from ..beam_search import BeamParams, BeamSearch
+from ..scheduler import ScheduledChunk, Scheduler
+from ..sequence import Sequence
+from .base import Generation
+
+
+class BeamGeneration(Generation):
+    def __init__(self, group, context):
+        super().__init__(group, context)
+        self.search = self._new_search()
+
+    def _new_search(self) -> BeamSearch:
+        p, prompt_len = self.params, self.group.num_prompt_tokens
+        return BeamSearch(BeamParams(
+            num_beams=p.num_beams, prompt_len=prompt_len, max_length=prompt_len + p.max_new_tokens,
+            eos_token_ids=self.eos_token_ids, length_penalty=p.length_penalty, early_stopping=p.early_stopping,
+            num_return_sequences=p.num_return_sequences,
+        ))
+
+    def restart(self) -> None:
+        root = self.group.seqs[0]
+        self.group.seqs = [Sequence.from_request(root.seq_id, self.request)]
+        self.search = self._new_search()
+
+    def row(self, chunk: ScheduledChunk) -> Row:
+        if not chunk.samples:
+            return Row.of(chunk)
+        return Row.of(chunk, sample=self.spec(chunk.seq, uniforms=(), beam_width=self.search.params.beams_to_keep))
+
+    def apply(self, results: list[tuple[Row, RowOutput]], scheduler: Scheduler) -> list[TokenEvent]:
+        candidates = {row.seq.seq_id: out.candidates for row, out in results if row.sample is not None}
+        if not candidates:
+            return []  # a prompt chunk before the last
+        beams = self.group.seqs
+        missing = [b.seq_id for b in beams if b.seq_id not in candidates]
+        if missing:
+            raise RuntimeError(f"beams {missing} were not computed with the others")  # a scheduler bug
+        step = self.search.step([candidates[b.seq_id] for b in beams])
+        seq_ids = self.context.seq_ids
+        scheduler.replace_members(self.group, [
+            scheduler.branch(beams[parent], beams[parent].token_ids + [token], next(seq_ids))
+            for parent, token in zip(step.parents, step.tokens)
+        ])
+        if step.done:
+            return [self._final(scheduler)]
+        best = self.search.best_running()
+        provisional = Hypothesis(best, self.context.text.decode(best), 0.0, None)
+        return [TokenEvent(self.request_id, provisional=True, hypotheses=(provisional,))]
+
+    def _final(self, scheduler: Scheduler) -> TokenEvent:
+        decode = self.context.text.decode
+        hypotheses = tuple(
+            Hypothesis(h.token_ids, decode(h.token_ids), h.score,
+                       FinishReason.EOS if h.finished_by_eos else FinishReason.LENGTH)
+            for h in self.search.results()
+        )
+        scheduler.finish(self.group)
+        best = hypotheses[0]
+        return self.final_event(best.finish_reason, token_ids=best.token_ids, text=best.text, hypotheses=hypotheses,
+                                generated_tokens=len(best.token_ids))
+
+    def generated_tokens(self) -> int:
+        return sum(s.num_generated for s in self.group.seqs)

@@ -1,0 +1,103 @@
+"""Greedy and sampled requests, with `num_return_sequences` samples of one prompt.
+
+The prompt is computed once. Its last position's logits feed the first token of every sample
+(n draws from one row); the samples other than the first then fork from the prompt's sequence,
+sharing its KV blocks, and each streams under its own `index`. Samples keep their tokens across
+a preemption: they recompute them, and a seeded draw depends only on (seed, index, k), so the
+tokens that follow are the ones an unpreempted request would have drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...request import Hypothesis, TokenEvent
+from .. import draws
+from ..batch import Row, RowOutput
+from ..detokenizer import IncrementalDetokenizer
+from ..scheduler import ScheduledChunk, Scheduler
+from ..sequence import Sequence
+from ..stopping import check_stop
+from .base import Generation
+
+
+@dataclass
+class _Sample:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    seq: Sequence | None = None  # None until forked from the prompt's first draw
+    logprob_sum: float = 0.0
+    result: Hypothesis | None = None  # set when the sample ends
+
+
+class SampledGeneration(Generation):
+    def __init__(self, group, context):
+        super().__init__(group, context)
+        p = self.params
+        self.seed = p.seed if p.seed is not None else draws.fresh_seed()
+        self.samples = [_Sample(i, context.text.stream()) for i in range(p.num_return_sequences)]
+        self.samples[0].seq = group.seqs[0]
+        self._by_seq = {group.seqs[0].seq_id: self.samples[0]}
+
+    def row(self, chunk: ScheduledChunk) -> Row:
+        if not chunk.samples:
+            return Row.of(chunk)
+        drawing = self._drawing(chunk.seq)
+        k = chunk.seq.num_generated
+        uniforms = tuple(draws.uniform(self.seed, s.index, k) if self.params.do_sample else None for s in drawing)
+        return Row.of(chunk, sample=self.spec(chunk.seq, uniforms))
+
+    def _drawing(self, seq: Sequence) -> list[_Sample]:
+        """The samples a draw from `seq`'s logits is for: its own, plus, at the prompt's first
+        token, every sample not forked yet."""
+        own = self._by_seq[seq.seq_id]
+        if seq.num_generated:
+            return [own]
+        return [own] + [s for s in self.samples if s.seq is None]
+
+    def apply(self, results: list[tuple[Row, RowOutput]], scheduler: Scheduler) -> list[TokenEvent]:
+        events = []
+        for row, out in results:
+            if row.sample is None:
+                continue
+            drawing = self._drawing(row.seq)
+            for sample, token in zip(drawing[1:], out.token_ids[1:]):
+                sample.seq = scheduler.fork(self.group, row.seq, row.seq.token_ids + [token], next(self.context.seq_ids))
+                self._by_seq[sample.seq.seq_id] = sample
+            row.seq.token_ids.append(out.token_ids[0])
+            events += [self._advance(s, out.logprobs[i], out.top_tokens, scheduler) for i, s in enumerate(drawing)]
+        if events and all(s.result is not None for s in self.samples):
+            events[-1] = self._final(events[-1])
+        return events
+
+    def _advance(self, sample: _Sample, logprob: float, top, scheduler: Scheduler) -> TokenEvent:
+        """`sample` got its next token (already appended): stream it, and end the sample if it stops."""
+        seq, p = sample.seq, self.params
+        token = seq.token_ids[-1]
+        sample.logprob_sum += logprob
+        delta = sample.detokenizer.add(token)
+        reason = check_stop(
+            last_token=token, num_generated=seq.num_generated, max_new_tokens=p.max_new_tokens,
+            eos_token_ids=self.eos_token_ids, text=sample.detokenizer.text, new_text_len=len(delta),
+            stop_strings=p.stop_strings,
+        )
+        if reason is not None:
+            delta += sample.detokenizer.flush()
+            sample.result = Hypothesis(tuple(seq.generated_ids), sample.detokenizer.text, sample.logprob_sum, reason)
+            scheduler.finish_seq(self.group, seq)
+        return TokenEvent(
+            self.request_id, (token,), (logprob,), delta, finish_reason=reason, index=sample.index,
+            top_tokens=(self.top_tokens(top),) if p.top_n else (),
+        )
+
+    def _final(self, last: TokenEvent) -> TokenEvent:
+        """The request's last event: the last sample's last token, and every sample's result."""
+        hypotheses = tuple(s.result for s in self.samples)
+        return self.final_event(
+            last.finish_reason, token_ids=last.token_ids, logprobs=last.logprobs, text=last.text, index=last.index,
+            top_tokens=last.top_tokens, hypotheses=hypotheses,
+            generated_tokens=sum(len(h.token_ids) for h in hypotheses),
+        )
+
+    def generated_tokens(self) -> int:
+        return sum(s.seq.num_generated for s in self.samples if s.seq is not None)
