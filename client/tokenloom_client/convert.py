@@ -194,6 +194,7 @@ def to_model_info(response: pb.ModelInfoResponse) -> ModelInfo:
         has_chat_template=response.has_chat_template,
         dtype=response.dtype,
         device=response.device,
+        quantization=response.quantization,
         limits=Limits(
             max_new_tokens=limits.max_new_tokens,
             default_max_new_tokens=limits.default_max_new_tokens,

@@ -119,3 +119,4 @@ class ModelInfo:
     dtype: str
     device: str
     limits: Limits
+    quantization: str = "none"  # the linear layers' weight format: "none", "gguf", "q4_1", ...

@@ -38,6 +38,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-kernel", default="auto", choices=["auto", "torch"],
                    help="auto: decode attention read straight from the paged KV store by a C++ kernel on CPU "
                         "fp32 (built once per machine); torch: block gather + SDPA")
+    g.add_argument("--model-impl", default="auto", choices=["auto", "native", "hf"],
+                   help="native: tokenloom's own model code (Llama, Mistral, Qwen2, GPT-2); hf: transformers' "
+                        "modules; auto: native where it exists for the model type")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "q4_0", "q4_1", "q8_0"],
+                   help="weight format of the linear layers (native code, CPU, float32): gguf serves the embedded "
+                        "model's GGUF blocks as they are; q4_0/q4_1/q8_0 quantize a dense checkpoint at load; "
+                        "auto: gguf for the default model, none otherwise")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="auto: the checkpoint's weights; dummy: only --model's config.json and tokenizer, with "
                         "random weights (seeded), to benchmark model sizes without their checkpoints")
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = ModelSpec(
             path=None if args.model == "default" else args.model, device=args.device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, linear_kernel=args.linear_kernel,
-            attention_kernel=args.attention_kernel, load_format=args.load_format,
+            attention_kernel=args.attention_kernel, load_format=args.load_format, model_impl=args.model_impl,
+            quantization=args.quantization,
         )
         metrics_cfg = MetricsConfig(port=args.metrics_port, host=args.metrics_host)
         admission_cfg = AdmissionConfig(

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .executor import attention, cpu_linear, decode_kernel
+from .executor import attention, decode_kernel, model_impl
 from .front import reflection, servicer
 from .front.admission import Admission, AdmissionConfig
 from .front.auth import BearerTokenInterceptor
@@ -93,7 +93,9 @@ class Runtime:
         self.scheduler = Scheduler(sched_cfg, self.blocks)
         self.seq_ids = itertools.count()  # shared by every engine of this runtime: they share the scheduler
         self.eos_token_ids = eos_ids(model)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab = model.get_output_embeddings().weight.shape[0]  # read before `prepare` takes the weights
+        self.model = model_impl.prepare(loaded)
+        log.info("model: %s code, quantization %s", self.model.impl, self.model.quantization)
         self.preprocessor = Preprocessor(loaded.tokenizer, vocab, self.limits)
         self.served = servicer.ServedModel(
             name=loaded.name,
@@ -103,12 +105,11 @@ class Runtime:
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
             has_chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)),
             dtype=str(model.dtype).removeprefix("torch."),
+            quantization=self.model.quantization,
             device=str(device),
             max_num_seqs=sched_cfg.max_num_seqs,
             kv_cache_tokens=num_blocks * cache_cfg.block_size,
         )
-        if loaded.spec.linear_kernel == "auto" and cpu_linear.available(device, model.dtype):
-            cpu_linear.pack_linears(model)
         self.decode_kernel = None
         if loaded.spec.attention_kernel == "auto" and decode_kernel.available(device, model.dtype):
             self.decode_kernel = decode_kernel.load()
@@ -118,7 +119,7 @@ class Runtime:
         )
 
     def engine(self, publish, metrics: Metrics | None = None, faults: FaultPlan | None = None, on_exit=None) -> Engine:
-        runner = ModelRunner(self.loaded.model, self.cache, self.cache.kv.device, decode_kernel=self.decode_kernel)
+        runner = ModelRunner(self.model.model, self.cache, self.cache.kv.device, decode_kernel=self.decode_kernel)
         context = GenerationContext(TokenText(self.loaded.tokenizer), self.eos_token_ids, self.seq_ids)
         start = (faults or FaultPlan()).wrap(generation.start)
         return Engine(runner, self.scheduler, context, publish, metrics=metrics, on_exit=on_exit, start=start)

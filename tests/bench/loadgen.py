@@ -39,13 +39,16 @@ async def stream_one(client: AsyncClient, req: Request, progress: Progress, star
     return result
 
 
-async def _closed_loop(address: str, requests: list[Request], concurrency: int, progress: Progress):
+async def _closed_loop(address: str, requests: list[Request], concurrency: int, progress: Progress,
+                       budget_s: float | None = None):
     pending = iter(requests)
     results: list[RequestResult] = []
 
     async def worker(client: AsyncClient) -> None:
         for req in pending:  # one shared iterator: each request is taken once
             results.append(await stream_one(client, req, progress))
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                return
 
     async with AsyncClient(address) as client:
         t0 = time.perf_counter()
@@ -54,9 +57,14 @@ async def _closed_loop(address: str, requests: list[Request], concurrency: int, 
     return sorted(results, key=lambda r: r.index), t0, t1
 
 
-def closed_loop(address: str, requests: list[Request], concurrency: int, progress: Progress):
-    """`concurrency` streams, each sending its next request as soon as its last one ends."""
-    return asyncio.run(_closed_loop(address, requests, concurrency, progress))
+def closed_loop(address: str, requests: list[Request], concurrency: int, progress: Progress,
+                budget_s: float | None = None):
+    """`concurrency` streams, each sending its next request as soon as its last one ends.
+
+    With `budget_s`, a stream sends no new request once that many seconds have passed (the ones
+    under way finish), so a starved system cannot hold a run for hours.
+    """
+    return asyncio.run(_closed_loop(address, requests, concurrency, progress, budget_s))
 
 
 async def _open_loop(address: str, requests: list[Request], rate: float, seed: int, progress: Progress):

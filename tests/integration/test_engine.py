@@ -17,9 +17,11 @@ from tokenloom.front.preprocessor import UserInput
 
 
 class Harness:
-    def __init__(self, path, *, kv_tokens=4096, budget=64, max_seqs=16):
+    def __init__(self, path, *, kv_tokens=4096, budget=64, max_seqs=16, **spec):
+        """`path` None: the embedded default model; `spec`: more ModelSpec fields (e.g. quantization)."""
         self.runtime = load_runtime(
-            ModelSpec(path=str(path)), CacheConfig(kv_cache_tokens=kv_tokens, block_size=16),
+            ModelSpec(path=None if path is None else str(path), **spec),
+            CacheConfig(kv_cache_tokens=kv_tokens, block_size=16),
             SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), Limits(),
         )
         self.outputs: dict[str, GenerationOutput] = {}
@@ -31,6 +33,12 @@ class Harness:
 
     def submit(self, ids, **params):
         request = self.runtime.preprocessor(UserInput(input_ids=tuple(ids)), RawParams(**params))
+        self.outputs[request.request_id] = GenerationOutput(request.request_id)
+        self.engine.submit(request)
+        return request.request_id
+
+    def score(self, prompt_ids, continuation_ids):
+        request = self.runtime.preprocessor.score(UserInput(input_ids=tuple(prompt_ids)), "", tuple(continuation_ids))
         self.outputs[request.request_id] = GenerationOutput(request.request_id)
         self.engine.submit(request)
         return request.request_id

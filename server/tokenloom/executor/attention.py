@@ -1,12 +1,16 @@
-"""Attention over the packed batch and the paged KV store, plugged into HF models.
+"""Attention over the packed batch and the paged KV store.
 
 Every row's new tokens are packed into one `[1, total_tokens]` sequence, so the
-MLPs and projections never see padding. This function is registered with
-transformers' `AttentionInterface`; HF then builds no mask and calls it once per
-layer with the new tokens' q/k/v (after rotary embeddings). It writes k/v into
-the store and attends each row to its own history:
-- decode rows (one new token) in one batched SDPA call over their blocks, gathered and padded;
+MLPs and projections never see padding. `attend` is the attention itself, on
+`q [T, heads, D]` once the new tokens' k/v are in the store: each row attends to
+its own history:
+- decode rows (one new token) in one batched call over their blocks (the C++ kernel, or
+  gather + SDPA); a step of decode rows only needs no gather or scatter of q at all;
 - prompt chunks one call each, causal with an offset for chunked prefill.
+`paged_attention` adapts it to HF models: registered with transformers'
+`AttentionInterface`, HF then builds no mask and calls it once per layer with the new
+tokens' q/k/v (after rotary embeddings); it writes k/v into the store and attends.
+The native models (native/) write the store themselves and call `attend`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class AttentionBatch:
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The HF adapter: `[1, heads, T, D]` in, `[1, T, heads, D]` out, as HF's attention functions are."""
     batch: AttentionBatch = kwargs["tokenloom_batch"]
     k_store, v_store = batch.cache.layer(module.layer_idx)
     # [1, heads, T, D] -> [T, heads, D]
@@ -55,22 +60,27 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     v_new = value[0].transpose(0, 1)
     k_store.index_copy_(0, batch.slot_mapping, k_new)
     v_store.index_copy_(0, batch.slot_mapping, v_new)
+    return attend(q, k_new, v_new, module.layer_idx, batch, scaling).unsqueeze(0), None
 
-    out = torch.empty_like(q)  # [T, heads, D]
-    if batch.decode_index is not None:
-        rows, heads, dim = len(batch.decode_index), q.shape[1], q.shape[2]
-        kv_heads = k_store.shape[1]
+
+def attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer: int, batch: AttentionBatch,
+           scaling: float | None) -> torch.Tensor:
+    """Attention of the packed batch's queries `q [T, heads, D]` to each row's history in layer `layer`
+    of the store, whose k/v for this step's tokens (`k_new`, `v_new`: `[T, kv_heads, D]`) are written
+    already. Returns `[T, heads, D]`."""
+    k_store, v_store = batch.cache.layer(layer)
+    tokens, heads, dim = q.shape
+    decoding = batch.decode_index is not None
+    if decoding and len(batch.decode_index) == tokens:  # decode rows only: no gather, no scatter
+        return _decode(q.reshape(tokens, k_store.shape[1], heads // k_store.shape[1], dim), k_store, v_store,
+                       batch, scaling).reshape(tokens, heads, dim)
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    if decoding:
+        rows, kv_heads = len(batch.decode_index), k_store.shape[1]
         # Grouped-query attention without expanding K/V: the query heads that share a KV head
         # become that head's query positions (one new token each, so no causal order among them).
         qd = q[batch.decode_index].view(rows, kv_heads, heads // kv_heads, dim)
-        if batch.decode_kernel is not None:  # reads the store in place
-            od = batch.decode_kernel(qd, k_store, v_store, batch.decode_blocks, batch.decode_lens,
-                                     batch.cache.block_size, dim**-0.5 if scaling is None else scaling)
-        else:
-            kd = _gather_blocks(k_store, batch.decode_blocks, batch.cache.block_size)  # [rows, kv_heads, ctx, D]
-            vd = _gather_blocks(v_store, batch.decode_blocks, batch.cache.block_size)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scaling)
-        out[batch.decode_index] = od.reshape(rows, heads, dim)
+        out[batch.decode_index] = _decode(qd, k_store, v_store, batch, scaling).reshape(rows, heads, dim)
     for seg in batch.prefills:
         end = seg.q_start + seg.q_len
         qs = q[seg.q_start:end].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, D]
@@ -84,7 +94,18 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             qs, ks, vs, attn_mask=seg.mask, is_causal=seg.mask is None, scale=scaling, enable_gqa=True
         )
         out[seg.q_start:end] = os_[0].transpose(0, 1)
-    return out.unsqueeze(0), None  # [1, T, heads, D], as HF's attention functions return
+    return out
+
+
+def _decode(qd: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, batch: AttentionBatch,
+            scaling: float | None) -> torch.Tensor:
+    """`qd [rows, kv_heads, group, D]` -> the same shape, each row over its own blocks."""
+    if batch.decode_kernel is not None:  # reads the store in place
+        return batch.decode_kernel(qd, k_store, v_store, batch.decode_blocks, batch.decode_lens,
+                                   batch.cache.block_size, qd.shape[-1]**-0.5 if scaling is None else scaling)
+    kd = _gather_blocks(k_store, batch.decode_blocks, batch.cache.block_size)  # [rows, kv_heads, ctx, D]
+    vd = _gather_blocks(v_store, batch.decode_blocks, batch.cache.block_size)
+    return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scaling)
 
 
 def _gather_blocks(store: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:

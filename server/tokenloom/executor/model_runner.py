@@ -1,7 +1,7 @@
 """Executes one step's batch: builds the packed input, runs the model, samples and scores.
 
-All rows' new tokens go into one `[1, total_tokens]` sequence; the LM head runs only at the
-positions whose logits some row needs (`logits_to_keep`): the last position of a row that
+All rows' new tokens go into one packed sequence of `total_tokens`; the LM head runs only at the
+positions whose logits some row needs: the last position of a row that
 draws, every scored position of a scoring row. The answer is plain data, one `RowOutput` per
 row (engine/batch.py), so nothing after this module sees a tensor.
 """
@@ -18,6 +18,7 @@ from .sampler import Sampler
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache, device, decode_kernel=None, sampler: Sampler | None = None):
+        # native.NativeModel or hf_model.HFModel: forward(input_ids [T], positions [T], batch, logits_index [K])
         self.model = model
         self.decode_kernel = decode_kernel  # decode_kernel.load()'s function, or None for the torch path
         self.cache = cache
@@ -71,14 +72,13 @@ class ModelRunner:
             prefills=[],
         )
         self._plan_attention(rows, batch)
-        logits = self.model(
-            input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
-            position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
-            use_cache=False,
-            tokenloom_batch=batch,
-        ).logits[0]
-        return logits.float(), kept
+        logits = self.model.forward(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            batch,
+            torch.tensor(keep, dtype=torch.long, device=dev),
+        )
+        return logits, kept
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size

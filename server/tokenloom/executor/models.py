@@ -52,6 +52,9 @@ class ModelSpec:
     # "auto": the checkpoint's weights; "dummy": config.json only, random weights (seeded, so every
     # load of one config is the same model): benchmarks of model sizes nobody has to download.
     load_format: str = "auto"
+    # model_impl.py: "auto" | "native" | "hf", and "auto" | "none" | "gguf" | "q4_0" | "q4_1" | "q8_0".
+    model_impl: str = "auto"
+    quantization: str = "auto"
 
 
 @dataclass
@@ -61,6 +64,7 @@ class LoadedModel:
     name: str
     path: str  # the local directory actually loaded
     spec: ModelSpec
+    gguf_path: str | None = None  # the GGUF file the weights came from (the embedded default model)
 
 
 
@@ -199,7 +203,8 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None,
     model = model.to(spec.device).eval()
     log(f"loaded {name} from {path} on {spec.device} ({model.dtype}) "
         f"in {time.perf_counter() - start:.1f} s")
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(path), spec=spec)
+    gguf = str(_embedded_gguf()) if spec.path in (None, "default") and spec.load_format == "auto" else None
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(path), spec=spec, gguf_path=gguf)
 
 
 def dummy_model(config, dtype: Any = torch.float32, trust_remote_code: bool = False, seed: int = 0, **extra):

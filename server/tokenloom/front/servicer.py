@@ -55,6 +55,7 @@ class ServedModel:
     eos_token_ids: tuple[int, ...]
     has_chat_template: bool
     dtype: str
+    quantization: str
     device: str
     max_num_seqs: int
     kv_cache_tokens: int
@@ -126,6 +127,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             eos_token_ids=list(s.eos_token_ids),
             has_chat_template=s.has_chat_template,
             dtype=s.dtype,
+            quantization=s.quantization,
             device=s.device,
             limits=pb.Limits(
                 **{name: getattr(limits, name) for name in _REQUEST_LIMITS},
