@@ -10,7 +10,8 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick bench-llamacpp profile soak clean
+.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick bench-llamacpp profile soak clean \
+	gpu-check gpu-check-prepare
 
 install: $(STAMP) proto kernels
 
@@ -87,6 +88,14 @@ bench-quick: install
 bench-llamacpp: install
 	@$(PYTHON) -c "import httpx, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PYTHON) tests/bench/compare.py $(BENCH_ARGS)
+
+# The CUDA path on a GPU machine that reaches no registry: prepare here, then run there with .gpu-check/
+# and client/tokenloom_client/pb carried along (tests/bench/gpu_check.py says more).
+gpu-check-prepare: install
+	$(PYTHON) tests/bench/gpu_check.py prepare
+
+gpu-check:
+	$(PYTHON) tests/bench/gpu_check.py run
 
 # Where one decode step's time goes (64 rows x 300 tokens by default; PROFILE_ARGS='--rows 32').
 profile: install

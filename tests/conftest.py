@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models, the real default model, and live servers over loopback."""
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def default_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory, default_dir) -> dict[str, Path]:
+def tiny_dirs(tmp_path_factory, request) -> dict[str, Path]:
+    prebuilt = os.environ.get("TOKENLOOM_TINY_MODELS")  # built elsewhere and carried along (gpu_check.py)
+    if prebuilt:
+        return {kind: Path(prebuilt) / kind for kind in KINDS}
     root = tmp_path_factory.mktemp("tiny")
+    default_dir = request.getfixturevalue("default_dir")
     return {kind: build_tiny_model(kind, root / kind, tokenizer_dir=default_dir) for kind in KINDS}
 
 

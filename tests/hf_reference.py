@@ -7,7 +7,7 @@ import torch
 
 def hf_generate(model, prompt_ids: list[int], **kwargs) -> list[int]:
     """Generated ids (prompt excluded) of HF `generate` for one request alone."""
-    input_ids = torch.tensor([prompt_ids])
+    input_ids = torch.tensor([prompt_ids], device=model.device)
     with torch.inference_mode():
         out = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=model.generation_config.pad_token_id
@@ -23,7 +23,7 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 def hf_beam_search(model, prompt_ids: list[int], eos_ids: set[int], **kwargs) -> tuple[list[list[int]], list[float]]:
     """HF beam search: each returned hypothesis (prompt stripped, cut after its first EOS) and its score."""
-    input_ids = torch.tensor([prompt_ids])
+    input_ids = torch.tensor([prompt_ids], device=model.device)
     pad = model.generation_config.pad_token_id
     with torch.inference_mode():
         out = model.generate(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .front.admission import AdmissionConfig
 from .front.validation import Limits
+from .engine.engine_thread import EngineThread
 from .fault import FaultPlan
 from .metrics import MetricsConfig
 from .executor.models import ModelSpec
@@ -120,40 +121,47 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         auth_token=auth_token(args.auth_token))
 
 
+def runtime_configs(args: argparse.Namespace) -> tuple[ModelSpec, CacheConfig, SchedulerConfig, Limits]:
+    """What `load_runtime` takes, from the flags (the bench builds its engine-only runs with it too)."""
+    spec = ModelSpec(
+        path=None if args.model == "default" else args.model, device=args.device, dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, linear_kernel=args.linear_kernel,
+        attention_kernel=args.attention_kernel, load_format=args.load_format, model_impl=args.model_impl,
+        quantization=args.quantization,
+    )
+    cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
+    sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                policy=args.schedule_policy)
+    limits = Limits(
+        max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
+        max_stop_strings=args.max_stop_strings, max_stop_string_length=args.max_stop_string_length,
+        max_model_len=args.max_model_len, max_num_beams=args.max_num_beams,
+        max_num_return_sequences=args.max_num_return_sequences,
+    )
+    return spec, cache_cfg, sched_cfg, limits
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server_cfg = server_config(args)
-        spec = ModelSpec(
-            path=None if args.model == "default" else args.model, device=args.device, dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, linear_kernel=args.linear_kernel,
-            attention_kernel=args.attention_kernel, load_format=args.load_format, model_impl=args.model_impl,
-            quantization=args.quantization,
-        )
         metrics_cfg = MetricsConfig(port=args.metrics_port, host=args.metrics_host)
         admission_cfg = AdmissionConfig(
             rate_limit_per_client=args.rate_limit_per_client, rate_limit_period=args.rate_limit_period,
             max_streams_per_client=args.max_streams_per_client, max_queued_requests=args.max_queued_requests,
             max_queued_prompt_tokens=args.max_queued_prompt_tokens, client_id_metadata_key=args.client_id_metadata_key,
         )
-        cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
-        sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                    policy=args.schedule_policy)
-        limits = Limits(
-            max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
-            max_stop_strings=args.max_stop_strings, max_stop_string_length=args.max_stop_string_length,
-            max_model_len=args.max_model_len, max_num_beams=args.max_num_beams,
-            max_num_return_sequences=args.max_num_return_sequences,
-        )
         faults = FaultPlan.parse(args.inject_fault)
-        runtime = load_runtime(spec, cache_cfg, sched_cfg, limits)
+        # Every torch op of the process runs on the engine's thread, the load included (engine_thread.py).
+        engine_thread = EngineThread()
+        runtime = engine_thread.call(load_runtime, *runtime_configs(args))
     except ValueError as exc:
         print(f"tokenloom: {exc}", file=sys.stderr)
         return 2
     if faults.active:
         logging.getLogger("tokenloom").warning("fault injection is on (%s): a test setting, never for serving", faults)
-    asyncio.run(serve(runtime, server_cfg, metrics_cfg=metrics_cfg,
+    asyncio.run(serve(runtime, server_cfg, engine_thread, metrics_cfg=metrics_cfg,
                       admission_cfg=admission_cfg, faults=faults))
     return 0
 

@@ -20,6 +20,7 @@ from .front.auth import BearerTokenInterceptor
 from .engine.block_manager import BlockManager
 from .engine import generation
 from .engine.engine import Engine
+from .engine.engine_thread import EngineThread
 from .engine.generation import GenerationContext, TokenText
 from .fault import FaultPlan
 from .executor.kv_cache import KVCache, KVShape
@@ -196,7 +197,7 @@ async def _drain(server: grpc.aio.Server, health, admission: Admission, grace: f
 
 
 async def serve(
-    runtime: Runtime, config: ServerConfig, ready: asyncio.Event | None = None,
+    runtime: Runtime, config: ServerConfig, engine_thread: EngineThread, ready: asyncio.Event | None = None,
     metrics_cfg: MetricsConfig | None = None,  # None: no metrics endpoint
     admission_cfg: AdmissionConfig | None = None,
     faults: FaultPlan | None = None,  # test-only (--inject-fault)
@@ -230,8 +231,8 @@ async def serve(
     await server.start()
     # Health answers NOT_SERVING meanwhile. The warm-up steps the shared scheduler and KV store, so
     # the serving engine starts after it (requests that come early wait in its inbox).
-    await asyncio.to_thread(runtime.warm_up)
-    engine.start()
+    await asyncio.wrap_future(engine_thread.submit(runtime.warm_up))
+    engine.start(engine_thread)
     if not stop.is_set():
         await _set_serving(health)
     security = ("TLS" if config.tls_cert_chain else "plaintext") + (", bearer token" if config.auth_token else "")

@@ -1,7 +1,7 @@
 """`make bench-llamacpp`: tokenloom against llama.cpp's own server, on the same requests, in one run.
 
     python tests/bench/compare.py [--quick] [--concurrency 1 8 32 64] [--new-tokens 96]
-                                  [--tokenloom fp32="" --tokenloom bf16="--dtype bfloat16" ...]
+                                  [--tokenloom gguf="" --tokenloom fp32="--quantization none" ...]
 
 Systems, one after another (never two at once): each tokenloom variant (`python -m tokenloom`
 with the default model, default flags plus the variant's arguments, over gRPC), then
@@ -82,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start no new request after this long in a level (default: run all of them); for a "
                         "shared machine, where a starved llama-server can take hours")
     p.add_argument("--tokenloom", type=_variant, action="append", metavar='NAME="SERVER ARGS"',
-                   help='a tokenloom variant: flags for `python -m tokenloom` (repeatable; default fp32="")')
+                   help='a tokenloom variant: flags for `python -m tokenloom` (repeatable; default gguf="" '
+                        'and fp32="--quantization none")')
     p.add_argument("--server-args", default="", help="flags for every tokenloom variant, before the variant's own")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server -t (default: all cores)")
     p.add_argument("--skip", nargs="*", default=[], choices=["tokenloom", *LLAMACPP], help="systems to leave out")
@@ -94,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, short if args.quick else full)
     args.concurrency = sorted(set(args.concurrency))
-    args.tokenloom = args.tokenloom or [("fp32", "")]
+    args.tokenloom = args.tokenloom or [("gguf", ""), ("fp32", "--quantization none")]
     return args
 
 
@@ -180,7 +181,7 @@ class Comparison:
 
     def tokenloom(self, system: System) -> None:
         tqdm.write(f"{system.label}: python -m tokenloom {shlex.join(system.server_args)}")
-        server = ServerProcess(self.model_dir, *system.server_args, log_dir=self.logs,
+        server = ServerProcess("default", *system.server_args, log_dir=self.logs,
                                name=system.key.replace(":", "-")).start()
         try:
             server.wait_ready()

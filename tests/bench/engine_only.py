@@ -11,7 +11,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from pathlib import Path
 
 from results import RequestResult
 from workload import Request
@@ -35,34 +34,21 @@ class _Timed:
         return getattr(self.inner, name)
 
 
-def load(model_dir: Path, server_args: list[str]):
-    """A warmed-up `Runtime` configured exactly as `python -m tokenloom --model DIR ARGS` would be."""
-    from tokenloom.__main__ import parser
-    from tokenloom.executor.models import ModelSpec
-    from tokenloom.engine.scheduler import SchedulerConfig
-    from tokenloom.front.validation import Limits
-    from tokenloom.server import CacheConfig, load_runtime
+def load(model: str, server_args: list[str]):
+    """A warmed-up `Runtime` configured exactly as `python -m tokenloom --model MODEL ARGS` would be, and
+    the thread that loaded it (where its engine must step: engine/engine_thread.py)."""
+    from tokenloom.__main__ import parser, runtime_configs
+    from tokenloom.engine.engine_thread import EngineThread
+    from tokenloom.server import load_runtime
 
-    a = parser().parse_args(["--model", str(model_dir), *server_args])
-    spec = ModelSpec(path=a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code,
-                     cache_dir=a.cache_dir, linear_kernel=a.linear_kernel, attention_kernel=a.attention_kernel,
-                     load_format=a.load_format)
-    runtime = load_runtime(
-        spec,
-        CacheConfig(kv_cache_tokens=a.kv_cache_tokens, block_size=a.block_size),
-        SchedulerConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                        policy=a.schedule_policy),
-        Limits(max_new_tokens=a.max_new_tokens_limit, default_max_new_tokens=a.default_max_new_tokens,
-               max_stop_strings=a.max_stop_strings, max_stop_string_length=a.max_stop_string_length,
-               max_model_len=a.max_model_len, max_num_beams=a.max_num_beams,
-               max_num_return_sequences=a.max_num_return_sequences),
-    )
-    runtime.warm_up()
-    return runtime
+    thread = EngineThread()
+    runtime = thread.call(load_runtime, *runtime_configs(parser().parse_args(["--model", str(model), *server_args])))
+    thread.call(runtime.warm_up)
+    return runtime, thread
 
 
 class EngineDriver:
-    def __init__(self, runtime):
+    def __init__(self, runtime, thread):
         from tokenloom.request import FinishReason
 
         self._error_reasons = (FinishReason.ERROR, FinishReason.CANCELLED)
@@ -71,10 +57,11 @@ class EngineDriver:
         self._lock = threading.Lock()
         self._done: queue.Queue[str] = queue.Queue()
         self.engine = runtime.engine(self._publish)
-        self.forward = self.engine.runner.execute = _Timed(self.engine.runner.execute)
-        self.sample = self.engine.sampler = _Timed(self.engine.sampler)
+        executor = self.engine.executor
+        self.forward = executor.execute = _Timed(executor.execute)
+        self.sample = executor.sampler = _Timed(executor.sampler)
         self.schedule = self.engine.scheduler.schedule = _Timed(self.engine.scheduler.schedule)
-        self.engine.start()
+        self.engine.start(thread)
 
     def _publish(self, events) -> None:
         """The engine thread, once per step."""
@@ -127,7 +114,8 @@ class EngineDriver:
                 open_ += 1
                 break
         t1 = time.perf_counter()
-        breakdown = {"forward_s": self.forward.seconds, "sample_s": self.sample.seconds,
+        # The executor samples inside its execute(): the forward is what is left of it.
+        breakdown = {"forward_s": self.forward.seconds - self.sample.seconds, "sample_s": self.sample.seconds,
                      "schedule_s": self.schedule.seconds, "wall_s": t1 - t0}
         return sorted(results, key=lambda r: r.index), t0, t1, breakdown
 

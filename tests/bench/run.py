@@ -104,6 +104,9 @@ class Bench:
 
         self.args = args
         self.model_dir = ensure_default_model() if args.model == "default" else Path(args.model)
+        # What the server is given: "default" serves the embedded model as `make serve` does (its GGUF
+        # blocks); the converted directory would be served as a plain fp32 checkpoint.
+        self.server_model = "default" if args.model == "default" else str(self.model_dir)
         self.server_args = shlex.split(args.server_args)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self.requests = self._workload()
@@ -136,7 +139,7 @@ class Bench:
     def server_flag(self, name: str):
         from tokenloom.__main__ import parser
 
-        return getattr(parser().parse_args(["--model", str(self.model_dir), *self.server_args]), name)
+        return getattr(parser().parse_args(["--model", self.server_model, *self.server_args]), name)
 
     def record(self, system: str, concurrency: int | None, results, t0, t1, cpu_s: float, **extra) -> dict:
         summary = summarize(results, t0, t1, concurrency)
@@ -170,7 +173,7 @@ class Bench:
         a = self.args
         logs = a.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        server = ServerProcess(self.model_dir, *self.server_args, log_dir=logs, name="bench").start()
+        server = ServerProcess(self.server_model, *self.server_args, log_dir=logs, name="bench").start()
         try:
             server.wait_ready()
             with RssSampler(server.proc.pid) as rss:
@@ -244,7 +247,7 @@ class Bench:
 
         levels = [c for c in self.args.concurrency if c == targets.TARGET_STREAMS] or [max(self.args.concurrency)]
         tqdm.write("engine only: loading the runtime in this process")
-        driver = engine_only.EngineDriver(engine_only.load(self.model_dir, self.server_args))
+        driver = engine_only.EngineDriver(*engine_only.load(self.server_model, self.server_args))
         try:
             for c in levels:
                 reqs = self.requests[:level_size(self.args, c)]

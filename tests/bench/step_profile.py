@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF dir")
+    p.add_argument("--model", default="default", help="'default' (the embedded SmolLM2-135M-Instruct, served as "
+                   "`make serve` serves it) or a local HF dir")
     p.add_argument("--rows", type=int, default=64, help="decode rows in every step (default 64)")
     p.add_argument("--context", type=int, default=300, help="prompt tokens per row (default 300)")
     p.add_argument("--steps", type=int, default=20, help="decode steps to time (default 20)")
@@ -28,25 +29,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _time_linears(model):
-    """One timer around every nn.Linear's forward (packed oneDNN or plain)."""
+    """One timer around every linear layer: the HF model's nn.Linear forwards, or the native model's
+    linears (dense, packed or quantized), including the LM head."""
     import torch
 
     timer = _Total()
-    for module in model.modules():
+    if hasattr(model, "layers"):  # native: each layer is a NamedTuple holding its linears (callables with add)
+        model.layers = [layer._replace(**{f: _Counted(timer, v) for f, v in layer._asdict().items()
+                                           if callable(v) and hasattr(v, "add")}) for layer in model.layers]
+        model.lm_head = _Counted(timer, model.lm_head)
+        return timer
+    for module in model.model.modules():
         if isinstance(module, torch.nn.Linear):
             module.forward = _Counted(timer, module.forward)
     return timer
 
 
-def _time_attention():
-    """Re-registers tokenloom's attention function under its name with a timer around it (HF looks the
-    function up by name at every layer call)."""
+def _time_attention(model):
+    """A timer around the attention: the function the native models call for it, or the one HF looks
+    up by name at every layer call (re-registered with the timer)."""
     import transformers
 
     from tokenloom.executor import attention
+    from tokenloom.executor.native import gpt2, llama
 
     timer = _Total()
-    transformers.AttentionInterface.register(attention.ATTENTION_NAME, _Counted(timer, attention.paged_attention))
+    if hasattr(model, "layers"):
+        for family in (llama, gpt2):
+            family.attend = _Counted(timer, attention.attend)
+    else:
+        transformers.AttentionInterface.register(attention.ATTENTION_NAME, _Counted(timer, attention.paged_attention))
     return timer
 
 
@@ -55,34 +67,47 @@ class _Total:
 
 
 class _Counted:
-    """Calls `inner` and adds its time to a total shared by many wrapped callables."""
+    """Calls `inner` (or its `add`, the residual form of a native linear) and adds its time to a total
+    shared by many wrapped callables."""
 
     def __init__(self, timer, inner):
         self.timer, self.inner = timer, inner
 
     def __call__(self, *args, **kwargs):
+        return self._timed(self.inner, *args, **kwargs)
+
+    def add(self, *args):
+        return self._timed(self.inner.add, *args)
+
+    def _timed(self, fn, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return self.inner(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             self.timer.seconds += time.perf_counter() - started
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import engine_only
+
+    server_args = ["--max-num-seqs", str(max(args.rows, 64)), *args.server_args.split()]
+    runtime, thread = engine_only.load(args.model, server_args)
+    # On the thread that loaded the model, as the server steps (engine/engine_thread.py).
+    thread.call(profile, runtime, args)
+
+
+def profile(runtime, args) -> None:
     import torch
 
     import engine_only
-    from tokenloom.executor.models import ensure_default_model
     from tokenloom.front.preprocessor import UserInput
     from tokenloom.front.validation import RawParams
 
-    model_dir = ensure_default_model() if args.model == "default" else Path(args.model)
-    server_args = ["--max-num-seqs", str(max(args.rows, 64)), *args.server_args.split()]
-    runtime = engine_only.load(model_dir, server_args)
     started_rows: set[str] = set()  # requests with a first token: their prompt is in the cache
     engine = runtime.engine(lambda events: started_rows.update(e.request_id for e in events if e.token_ids))
-    sampler = engine.sampler = engine_only._Timed(engine.sampler)
+    executor = engine.executor
+    sampler = executor.sampler = engine_only._Timed(executor.sampler)
     vocab = runtime.served.vocab_size
     generator = torch.Generator().manual_seed(0)
     for _ in range(args.rows):
@@ -94,7 +119,7 @@ def main(argv=None) -> None:
     while len(started_rows) < args.rows:
         engine.run_once()
 
-    linears, attention = _time_linears(engine.runner.model), _time_attention()
+    linears, attention = _time_linears(executor.model), _time_attention(executor.model)
     timers = (linears, attention, sampler)
     for timer in timers:
         timer.seconds = 0.0
@@ -104,14 +129,15 @@ def main(argv=None) -> None:
         engine.run_once()
         times.append(time.perf_counter() - started)
     total, median = sum(times), statistics.median(times)
-    kernel = "C++ kernel" if engine.runner.decode_kernel is not None else "gather + SDPA"
-    print(f"\n{args.rows} decode rows, ~{args.context} tokens of context, attention: {kernel}")
-    print(f"step: median {median * 1e3:.0f} ms over {args.steps} steps ({args.rows / median:.0f} generated tok/s)")
+    kernel = "C++ kernel" if executor.decode_kernel is not None else "gather + SDPA"
+    model = runtime.model
+    print(f"\n{args.rows} decode rows, ~{args.context} tokens of context; {model.impl} model code, "
+          f"quantization {model.quantization}, decode attention: {kernel}")
+    print(f"step: median {median * 1e3:.1f} ms over {args.steps} steps ({args.rows / median:.0f} generated tok/s)")
     rest = total - sum(t.seconds for t in timers)
     for name, seconds in (("linears", linears.seconds), ("attention", attention.seconds),
                           ("sampling", sampler.seconds), ("everything else", rest)):
         print(f"  {name:<16} {seconds / args.steps * 1e3:7.1f} ms per step  {seconds / total:6.1%}")
-    engine.stop()
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, wait
 from typing import Callable, Protocol
 
 from ..metrics import Metrics
 from ..request import EngineUnavailable, FinishReason, GenerationRequest, RequestTooLarge, TokenEvent
 from . import generation
 from .batch import Batch, Row, RowOutput
+from .engine_thread import EngineThread
 from .generation import Generation, GenerationContext
 from .heap import HeapTrimmer
 from .scheduler import Scheduler, SchedulerOutput
@@ -68,7 +70,7 @@ class Engine:
         self._admitting: GenerationRequest | None = None  # taken from the inbox, not yet live
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._running: Future | None = None  # the step loop, once started
         self._heap = HeapTrimmer()
         self.steps = 0
 
@@ -92,18 +94,19 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tokenloom-engine", daemon=True)
-        self._thread.start()
+    def start(self, thread: EngineThread | None = None) -> None:
+        """Run the step loop on `thread` (the one that loaded the model: see engine_thread.py), or on
+        a thread of its own."""
+        self._running = (thread or EngineThread()).submit(self._run)
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop stepping; requests still open end as cancelled."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._thread is None or not self._thread.is_alive():
+        if self._running is not None:
+            wait([self._running], timeout)
+        if self._running is None or self._running.done():
             log.info("%s", self.state_report())
 
     def state_report(self) -> str:
@@ -119,7 +122,7 @@ class Engine:
                 f"{blocks.num_used} of {blocks.num_blocks} KV blocks in use")
 
     def _check_running(self) -> None:
-        if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+        if self._stopping or (self._running is not None and self._running.done()):
             raise EngineUnavailable("the engine is not running; the server is shutting down or failed")
 
     def _post(self, kind: str, item) -> None:
