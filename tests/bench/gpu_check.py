@@ -6,8 +6,8 @@ so the check comes in two halves:
     make gpu-check-prepare   # here, with the registries: writes .gpu-check/ (ignored by git)
     make gpu-check           # there, with .gpu-check/ and client/tokenloom_client/pb/ carried along
 
-`prepare` builds the tiny test models (tokenizer included), a ~1B Llama config (TinyLlama-1.1B's
-shape with SmolLM2's tokenizer, served with --load-format dummy) and downloads wheels for Python 3.12
+`prepare` writes a ~1B Llama config (TinyLlama-1.1B's shape with SmolLM2's tokenizer, served with
+--load-format dummy; the tests build their tiny models from that tokenizer) and downloads wheels for Python 3.12
 of what the GPU image lacks (grpcio-health-checking, grpcio-reflection, asyncio-throttle, gguf), with
 the grpcio and protobuf they were generated against. `run` installs those wheels into .gpu-check/site
 (no index), runs tests/integration/test_device_parity.py on the device (greedy and beams against HF
@@ -41,14 +41,12 @@ LLAMA_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
 
 def prepare() -> None:
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "server"), str(ROOT / "client")]
-    from tiny_models import KINDS, build_tiny_model, default_model_dir
+    from tiny_models import default_model_dir
     from transformers import AutoTokenizer
 
-    OUT.mkdir(exist_ok=True)
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir()
     tokenizer_dir = default_model_dir()
-    for kind in KINDS:
-        print(f"tiny {kind} model -> {OUT / 'tiny' / kind}", flush=True)
-        build_tiny_model(kind, OUT / "tiny" / kind, tokenizer_dir=tokenizer_dir)
     big = OUT / "llama-1b"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     tokenizer.save_pretrained(big)
@@ -70,8 +68,9 @@ def run(device: str) -> int:
     if not (OUT / "llama-1b" / "config.json").exists():
         print(f"{OUT} is missing or incomplete: run `make gpu-check-prepare` first", file=sys.stderr)
         return 2
+    # The tests build their tiny models from the default model's tokenizer, which the 1B dir holds.
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENLOOM_TEST_DEVICE=device,
-               TOKENLOOM_TINY_MODELS=str(OUT / "tiny"))
+               TOKENLOOM_TOKENIZER_DIR=str(OUT / "llama-1b"))
     site = OUT / "site"
     if device != "cpu":  # the GPU image: our wheels, installed beside (and before) its packages
         wheels = sorted((OUT / "wheels").glob("*.whl"))
