@@ -10,10 +10,15 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install kernels proto prometheus serve test test-fast bench bench-quick bench-llamacpp profile soak clean \
+.PHONY: install installed-here kernels proto prometheus serve test test-fast bench bench-quick bench-llamacpp profile soak clean \
 	gpu-check gpu-check-prepare
 
-install: $(STAMP) proto kernels
+install: installed-here $(STAMP) proto kernels
+
+# A stamp from another checkout (an editable install points at one tree) does not count here.
+installed-here:
+	@$(PYTHON) -c "import os, tokenloom_client as c; assert os.path.samefile(os.path.dirname(c.__file__), 'client/tokenloom_client')" \
+		2>/dev/null || rm -f $(STAMP)
 
 # The CPU kernels (decode attention, quantized linears, the native models' norm and rotary), compiled
 # once per machine (a few minutes) so that no server start waits for them; a no-op when they are

@@ -34,14 +34,15 @@ class _Timed:
         return getattr(self.inner, name)
 
 
-def load(model: str, server_args: list[str]):
+def load(model: str, server_args: list[str], thread=None):
     """A warmed-up `Runtime` configured exactly as `python -m tokenloom --model MODEL ARGS` would be, and
-    the thread that loaded it (where its engine must step: engine/engine_thread.py)."""
+    the thread that loaded it (where its engine must step: engine/engine_thread.py). Pass the thread
+    that runs the process's other torch work, if any, so the process keeps one OpenMP team."""
     from tokenloom.__main__ import parser, runtime_configs
     from tokenloom.engine.engine_thread import EngineThread
     from tokenloom.server import load_runtime
 
-    thread = EngineThread()
+    thread = thread or EngineThread()
     runtime = thread.call(load_runtime, *runtime_configs(parser().parse_args(["--model", str(model), *server_args])))
     thread.call(runtime.warm_up)
     return runtime, thread

@@ -247,7 +247,7 @@ class Bench:
 
         levels = [c for c in self.args.concurrency if c == targets.TARGET_STREAMS] or [max(self.args.concurrency)]
         tqdm.write("engine only: loading the runtime in this process")
-        driver = engine_only.EngineDriver(*engine_only.load(self.server_model, self.server_args))
+        driver = engine_only.EngineDriver(*engine_only.load(self.server_model, self.server_args, self.torch_thread))
         try:
             for c in levels:
                 reqs = self.requests[:level_size(self.args, c)]
@@ -364,9 +364,14 @@ def main(argv=None) -> int:
           f"tokens, mean output {info['mean_new_tokens']:.0f} tokens; levels "
           + ", ".join(f"{c}: {level_size(args, c)} requests" for c in args.concurrency), flush=True)
     bench.served()
+    # Every torch op of this process on one thread, as in the server (engine/engine_thread.py): a
+    # second OpenMP team would slow whichever system runs second.
+    from tokenloom.engine.engine_thread import EngineThread
+
+    bench.torch_thread = EngineThread("bench-torch")
     if "engine" not in args.skip:
         bench.engine_only()
-    bench.hf()
+    bench.torch_thread.call(bench.hf)
     return bench.finish(started, load_before)
 
 

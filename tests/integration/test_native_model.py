@@ -209,11 +209,12 @@ def test_a_linear_factory_supplies_the_linears_it_answers_for(tiny_dirs):
     model = load(tiny_dirs["llama"])
     asked, quantized = [], {}
 
-    def factory(names: list[str]):
+    def factory(names: list[str], modules: list[torch.nn.Module], transposed: bool):
         asked.append(names)
+        assert modules == [model.get_submodule(name) for name in names] and not transposed
         if not names[0].endswith("mlp.gate_proj"):
             return None
-        dense = torch.cat([model.get_submodule(name).weight.detach() for name in names])
+        dense = torch.cat([m.weight.detach() for m in modules])
         quantized[names[0]] = QuantLinear.from_dense(dense, "q8_0")
         return quantized[names[0]]
 

@@ -97,7 +97,11 @@ class Engine:
     def start(self, thread: EngineThread | None = None) -> None:
         """Run the step loop on `thread` (the one that loaded the model: see engine_thread.py), or on
         a thread of its own."""
-        self._running = (thread or EngineThread()).submit(self._run)
+        own = thread is None
+        thread = thread or EngineThread()
+        self._running = thread.submit(self._run)
+        if own:
+            thread.close()  # nothing else runs there: the thread ends with the loop
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop stepping; requests still open end as cancelled."""

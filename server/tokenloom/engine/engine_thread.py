@@ -36,9 +36,16 @@ class EngineThread:
         """Run `fn(*args)` on the thread and wait for its result (or its exception)."""
         return self.submit(fn, *args).result()
 
+    def close(self) -> None:
+        """The thread ends once what was submitted before has run."""
+        self._calls.put(None)
+
     def _serve(self) -> None:
         while True:
-            future, fn, args = self._calls.get()
+            item = self._calls.get()
+            if item is None:
+                return
+            future, fn, args = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:

@@ -42,6 +42,13 @@ class HeapTrimmer:
 
     def _trim(self) -> None:
         self._last = self._clock()
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+        if trim():
             self.trims += 1
+
+
+def trim() -> bool:
+    """Hand the heap's free pages back to the OS now; False where the C library cannot."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True

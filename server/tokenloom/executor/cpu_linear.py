@@ -14,6 +14,8 @@ import logging
 
 import torch
 
+from .models import release_linears
+
 log = logging.getLogger(__name__)
 
 
@@ -53,28 +55,16 @@ def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
 def pack_linears(model: torch.nn.Module, rows_hint: int = 32) -> int:
     """Replace every nn.Linear's forward with a prepacked oneDNN kernel; returns how many.
 
-    The original weight is released unless another module shares it (tied
-    embeddings), so packing does not double the model's memory.
+    The original weights are released (models.release_linears), so packing does not double the
+    model's memory.
     """
-    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
     count = 0
     for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        weight = module.weight.detach()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
-        bias = None if module.bias is None else module.bias.detach()
-        module.forward = functools.partial(_packed_forward, packed, bias)
-        if id(module.weight) not in shared:
-            module.weight.data = torch.empty(0, dtype=weight.dtype)
-        count += 1
-    # Weights loaded from safetensors may still be pages of the memory-mapped file; the packed
-    # copies replace the linears', and copying what is left (embeddings, norms) lets the mapping
-    # go: otherwise the whole file stays resident beside the packed weights (measured: 2901 ->
-    # 2496 MiB for the default model with its KV store).
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.numel():
-                param.data = param.data.clone()
+        if isinstance(module, torch.nn.Linear):
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows_hint)
+            bias = None if module.bias is None else module.bias.detach().clone()
+            module.forward = functools.partial(_packed_forward, packed, bias)
+            count += 1
+    release_linears(model, lambda m: isinstance(m, torch.nn.Linear))
     log.info("packed %d linear layers for oneDNN", count)
     return count

@@ -64,19 +64,19 @@ def banned_ngram_tokens(token_ids: Sequence[int], n: int) -> list[int]:
         start = j + 1
 
 
-def apply_penalties(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+def apply_penalties(scores: torch.Tensor, rows: list[RowContext], inplace: bool = True) -> torch.Tensor:
     """Repetition penalty, no-repeat-ngram and min-new-tokens for every row, each with its own parameters.
 
-    scores: [rows, vocab] float, modified in place when contiguous (else a contiguous copy is): use
-    the returned tensor. Token ids at or past `vocab` (an embedding table larger than the LM head)
-    are ignored, as HF does.
+    scores: [rows, vocab] float, modified in place when contiguous and `inplace` (else a copy is):
+    use the returned tensor, which is `scores` itself when no row needs a processor. Token ids at or
+    past `vocab` (an embedding table larger than the LM head) are ignored, as HF does.
     """
     penalised = [i for i, r in enumerate(rows) if r.repetition_penalty != 1.0]
     ngram = [i for i, r in enumerate(rows) if r.no_repeat_ngram_size > 0]
     min_new = [i for i, r in enumerate(rows) if r.blocks_eos]
     if not (penalised or ngram or min_new):
         return scores
-    scores = scores.contiguous()
+    scores = scores.contiguous() if inplace else scores.clone()
     # Flat (row * vocab + token) indices: index_select / index_copy_ / index_fill_ on the flat view
     # stay single-threaded for a few thousand pairs on CPU, where 2-D advanced indexing spins up
     # the thread pool (milliseconds on a loaded machine); on GPU they are one kernel each.

@@ -47,9 +47,16 @@ def prepare(loaded: LoadedModel) -> ModelImpl:
         raise ValueError(f"unknown model implementation {spec.model_impl!r}; choose one of {', '.join(IMPLS)}")
     quantization = _quantization(loaded)
     if spec.model_impl != "hf":
-        factory = None if quantization == "none" else _linear_factory(loaded, quantization)
-        built = native.build(model, linear=factory)
+        quantizer = None if quantization == "none" else _Quantizer(loaded, quantization)
+        built = native.build(model, linear=quantizer)
         if built is not None:
+            if quantizer is not None:
+                log.info("%d linear layers (fused) run %s blocks", quantizer.made, quantization)
+                if not quantizer.made:  # e.g. widths that are no multiple of a block
+                    if spec.quantization != "auto":
+                        raise ValueError(f"--quantization {quantization}: no linear layer of this model can be "
+                                         "quantized (their input widths must be multiples of 32)")
+                    quantization = "none"
             return ModelImpl(built, "native", quantization)
         if spec.model_impl == "native" or spec.quantization not in ("auto", "none"):
             needs = "--model-impl native" if spec.model_impl == "native" else f"--quantization {spec.quantization}"
@@ -83,35 +90,34 @@ def _quantization(loaded: LoadedModel) -> str:
     return wanted
 
 
-def _linear_factory(loaded: LoadedModel, quantization: str) -> native.LinearFactory:
-    """Makes a quantized linear for the HF linears named (fused side by side), or None to keep them dense."""
-    model = loaded.model
-    if quantization == "gguf":
-        weights = quant.read_gguf(loaded.gguf_path)
+class _Quantizer:
+    """The native build's linear factory: a quantized linear for the HF linears it is asked for (fused
+    side by side), or None to keep them dense. Counts what it quantized."""
 
-        def from_file(names: list[str]):
-            parts = [weights.linear_weight(f"{name}.weight") for name in names]
-            if not all(isinstance(p, quant.QuantWeight) for p in parts) or len({p.kind for p in parts}) > 1:
-                return None
-            if any(getattr(model.get_submodule(name), "bias", None) is not None for name in names):
-                return None
-            return quant.QuantLinear(quant.QuantWeight.cat(parts))
+    def __init__(self, loaded: LoadedModel, quantization: str):
+        self.model = loaded.model
+        self.kind = quantization
+        self.file = quant.read_gguf(loaded.gguf_path) if quantization == "gguf" else None
+        self.made = 0
 
-        return from_file
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    def __call__(self, names: list[str], modules: list[torch.nn.Module], transposed: bool):
+        made = self._from_file(names, modules) if self.file is not None else self._from_dense(modules, transposed)
+        self.made += made is not None
+        return made
 
-    def from_dense(names: list[str]):
-        modules = [model.get_submodule(name) for name in names]
-        if not all(isinstance(m, torch.nn.Linear) for m in modules):
-            return None  # e.g. GPT-2's Conv1D: kept dense
-        if tied and model.get_output_embeddings() in modules:
+    def _from_file(self, names, modules):
+        parts = [self.file.linear_weight(f"{name}.weight") for name in names]
+        if not all(isinstance(p, quant.QuantWeight) for p in parts) or len({p.kind for p in parts}) > 1:
             return None
-        if modules[0].in_features % quant.BLOCK:
+        if any(getattr(m, "bias", None) is not None for m in modules):
             return None
-        weight = torch.cat([m.weight.detach() for m in modules])
-        biases = [m.bias for m in modules]
-        bias = None if all(b is None for b in biases) else torch.cat([
-            b.detach() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)])
-        return quant.QuantLinear.from_dense(weight, quantization, bias)
+        return quant.QuantLinear(quant.QuantWeight.cat(parts))
 
-    return from_dense
+    def _from_dense(self, modules, transposed):
+        if self.model.get_output_embeddings() in modules and (
+                self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight):
+            return None  # a tied LM head is the input embedding too
+        weight, bias = native.fused_weight(*modules, transposed=transposed)
+        if weight.shape[1] % quant.BLOCK:
+            return None
+        return quant.QuantLinear.from_dense(weight, self.kind, bias)

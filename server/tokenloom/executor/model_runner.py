@@ -37,15 +37,20 @@ class ModelRunner:
         outputs = [RowOutput() for _ in batch.rows]
         drawing = [i for i, row in enumerate(batch.rows) if row.sample is not None]
         if drawing:
-            # A drawing row's one kept position is its last.
-            index = torch.tensor([kept[i] for i in drawing], device=logits.device)
-            drawn = self.sampler(logits.index_select(0, index), [batch.rows[i].sample for i in drawing])
-            for i, out in zip(drawing, drawn):
+            # A drawing row's one kept position is its last; in a step of decode rows alone, those are
+            # all of `logits`, in order (no copy).
+            positions = [kept[i] for i in drawing]
+            if positions != list(range(len(logits))):
+                logits_drawn = logits.index_select(0, torch.tensor(positions, device=logits.device))
+            else:
+                logits_drawn = logits
+            for i, out in zip(drawing, self.sampler(logits_drawn, [batch.rows[i].sample for i in drawing])):
                 outputs[i] = out
         for i, row in enumerate(batch.rows):
             if row.scored:
                 labels = [row.seq.token_ids[p + 1] for p in row.scored]
-                outputs[i].scored_logprobs = self.sampler.label_logprobs(logits[kept[i] : kept[i] + len(row.scored)], labels)
+                scored = logits[kept[i] : kept[i] + len(row.scored)]
+                outputs[i].scored_logprobs = self.sampler.label_logprobs(scored, labels)
         return outputs
 
     def _forward(self, rows: list[Row]) -> tuple[torch.Tensor, list[int]]:

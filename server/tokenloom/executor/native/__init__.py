@@ -32,14 +32,14 @@ import logging
 import torch
 
 from . import gpt2, llama
-from .layers import LinearFactory, NativeModel
+from .layers import LinearFactory, NativeModel, fused_weight
 
 log = logging.getLogger(__name__)
 
 _FAMILIES = {**{t: llama for t in llama.MODEL_TYPES}, **{t: gpt2 for t in gpt2.MODEL_TYPES}}
 _CLASSES = {llama: llama.LlamaModel, gpt2: gpt2.GPT2Model}
 
-__all__ = ["LinearFactory", "NativeModel", "build"]
+__all__ = ["LinearFactory", "NativeModel", "build", "fused_weight"]
 
 
 def build(hf_model: torch.nn.Module, fused_ops: bool = True, linear: LinearFactory | None = None) -> NativeModel | None:

@@ -6,7 +6,6 @@
 //              v into their slots of the paged store; in torch that is a flip, three multiply/adds
 //              and an index_copy_. Computed as HF does (x * cos + rotate_half(x) * sin, each product
 //              rounded, no fused multiply-add: built with -ffp-contract=off), so the bits are HF's.
-// silu_mul:    act(gate) * up over the fused gate|up output, one pass instead of two.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

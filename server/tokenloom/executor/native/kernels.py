@@ -8,23 +8,20 @@ Both forms have one signature, chosen once when a model is built:
 
 The torch form gives HF's bits exactly; the C++ form sums the RMSNorm's squares in another order
 (logits within 7e-5 of HF's on the default model) and takes 2-4 ms off a SmolLM2 decode step at
-1-32 rows, 5-7 ms at 64 (tests/bench/native_step.py). torch compiles it with the system compiler on
-first use (~25 s) and caches the library under `$TORCH_EXTENSIONS_DIR` (default
-`~/.cache/torch_extensions`), as it does the decode-attention kernel; without a compiler the torch
-form runs.
+1-32 rows, 5-7 ms at 64 (tests/bench/native_step.py). Built as ../kernel_build.py says (~25 s, once
+per machine); without a compiler the torch form runs.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+import functools
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from .. import kernel_build
 
 SOURCE = Path(__file__).with_name("fused_ops.cpp")
 # Reassociation vectorises the sum of squares; no contraction into fused multiply-adds keeps the
@@ -63,34 +60,19 @@ def rope_store(qkv: torch.Tensor, rope: torch.Tensor, heads: int, kv_heads: int,
     store.index_copy_(1, slots, x[:, heads:].reshape(tokens, 2, kv_heads, dim).transpose(0, 1))
 
 
-_loaded: LayerOps | None = None
-
-
 def torch_ops(dtype: torch.dtype) -> LayerOps:
     return LayerOps(rms_norm if dtype == torch.float32 else rms_norm_upcast, rope_store, "torch")
 
 
 def load(device: torch.device, dtype: torch.dtype) -> LayerOps:
     """The C++ form where it applies and builds (logged once), else the torch form."""
-    global _loaded
     if device.type != "cpu" or dtype != torch.float32:
         return torch_ops(dtype)
-    if _loaded is None:
-        _loaded = _build()
-    return _loaded
+    return _cpu_ops()
 
 
-def _build() -> LayerOps:
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        started = time.monotonic()
-        log.info("loading the native model's CPU kernels (compiled once per machine, about half a minute)")
-        module = load_inline(name="tokenloom_native_ops", cpp_sources=[SOURCE.read_text()],
-                             functions=["rms_norm", "rope_store"], extra_cflags=CFLAGS,
-                             extra_ldflags=["-fopenmp"], verbose=False)
-        log.info("native model CPU kernels ready in %.1f s", time.monotonic() - started)
-        return LayerOps(module.rms_norm, module.rope_store, "cpp")
-    except Exception as exc:  # no compiler, no ninja, a build error: the torch form still works
-        log.warning("the native model's CPU kernels are unavailable (%s); using torch ops", exc)
-        return torch_ops(torch.float32)
+@functools.cache
+def _cpu_ops() -> LayerOps:
+    module = kernel_build.build("tokenloom_native_ops", SOURCE, ["rms_norm", "rope_store"], CFLAGS,
+                                "native model's CPU kernels")
+    return torch_ops(torch.float32) if module is None else LayerOps(module.rms_norm, module.rope_store, "cpp")

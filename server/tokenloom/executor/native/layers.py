@@ -3,7 +3,6 @@ and taking weights off the HF modules so that only one copy stays in memory."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from typing import Callable
 
@@ -13,6 +12,7 @@ from transformers.activations import ACT2FN
 
 from .. import cpu_linear
 from ..attention import AttentionBatch
+from ..models import release_linears
 
 
 class Linear:
@@ -44,9 +44,10 @@ class Linear:
 
 
 # Given the HF names of the linears to compute side by side ("model.layers.0.self_attn.q_proj", ...),
-# a callable `x [rows, in] -> [rows, out]` with an `add(x, residual)` (quant.QuantLinear), or None for
-# the dense Linear from the HF weights.
-LinearFactory = Callable[[list[str]], object]
+# the modules themselves and whether their weights are stored transposed (GPT-2's Conv1D): a callable
+# `x [rows, in] -> [rows, out]` with an `add(x, residual)` (quant.QuantLinear), or None for the dense
+# Linear from the HF weights.
+LinearFactory = Callable[[list[str], list[torch.nn.Module], bool], object]
 
 
 class Linears:
@@ -58,13 +59,14 @@ class Linears:
         self.factory = factory
 
     def make(self, *modules: torch.nn.Module, transposed: bool = False):
-        made = None if self.factory is None else self.factory([self.names[id(m)] for m in modules])
-        return made if made is not None else fused_linear(*modules, transposed=transposed)
+        names = [self.names[id(m)] for m in modules]
+        made = None if self.factory is None else self.factory(names, list(modules), transposed)
+        return made if made is not None else Linear(*fused_weight(*modules, transposed=transposed))
 
 
-def fused_linear(*modules: torch.nn.Module, transposed: bool = False) -> Linear:
-    """One Linear computing several HF linears side by side (q|k|v, gate|up): one matmul instead of
-    several. `transposed`: GPT-2's Conv1D keeps its weight as `[in, out]`."""
+def fused_weight(*modules: torch.nn.Module, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight `[sum of outs, in]` and bias of several HF linears side by side (q|k|v, gate|up): one
+    matmul instead of several. `transposed`: GPT-2's Conv1D keeps its weight as `[in, out]`."""
     weights = [m.weight.detach().t() if transposed else m.weight.detach() for m in modules]
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):
@@ -73,7 +75,7 @@ def fused_linear(*modules: torch.nn.Module, transposed: bool = False) -> Linear:
         bias = torch.cat([b.detach() if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
                           for b, w in zip(biases, weights)])
     weight = weights[0].contiguous() if len(weights) == 1 else torch.cat(weights)
-    return Linear(weight, bias)
+    return weight, bias
 
 
 def rotary_tables(rotary_emb: torch.nn.Module, max_positions: int, head_dim: int, dtype: torch.dtype,
@@ -103,30 +105,10 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def release(hf_model: torch.nn.Module) -> None:
-    """Drop the HF model's linear weights (the native model holds its own, packed) and copy what is
-    left (embeddings, norms: the native model shares these tensors) off the memory-mapped checkpoint,
-    so that neither a second copy of the weights nor the mapped file stays resident. The HF model
-    cannot run afterwards."""
-    shared = {id(p) for m in hf_model.modules() if not _is_linear(m) for p in m.parameters(recurse=False)}
-    with torch.no_grad():
-        for module in hf_model.modules():
-            if _is_linear(module):
-                for param in module.parameters(recurse=False):
-                    if id(param) not in shared:
-                        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-        for param in hf_model.parameters():
-            if param.numel():
-                param.data = param.data.clone()
-    _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS: the concatenated q|k|v and gate|up weights were
-    temporaries, and glibc keeps their pages otherwise (measured: 46 MiB of the default model)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    """The HF model's linear weights go (the native model holds its own, packed); the rest (embeddings,
+    norms: the native model shares these tensors) is copied off the memory-mapped checkpoint. The HF
+    model cannot run afterwards."""
+    release_linears(hf_model, _is_linear)
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

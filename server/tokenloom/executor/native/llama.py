@@ -44,6 +44,11 @@ def unsupported(hf_model) -> str | None:
         return f"MLP modules {sorted(mlp)}"
     if layer.self_attn.head_dim % 2:
         return "an odd head size"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type in ("dynamic", "longrope"):
+        # HF picks these frequencies by the sequence's length; the table here is one for all positions.
+        return f"{rope_type} rotary scaling"
     return None
 
 
