@@ -10,7 +10,7 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install installed-here kernels proto prometheus serve test test-fast bench bench-quick bench-llamacpp profile soak clean \
+.PHONY: install installed-here kernels proto prometheus serve test test-fast bench bench-quick bench-prefix bench-llamacpp profile soak clean \
 	gpu-check gpu-check-prepare
 
 install: installed-here $(STAMP) proto kernels
@@ -79,6 +79,12 @@ clean:
 bench: install
 	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PYTHON) tests/bench/run.py $(BENCH_ARGS)
+	$(PYTHON) tests/bench/prefix.py
+
+# Prefix caching on vs off on two workloads that resend prefixes (chat turns, multiple-choice scoring),
+# ~10 min on 2 cores; BENCH_ARGS="--quick" for a smoke run; results in .bench/prefix/.
+bench-prefix: install
+	$(PYTHON) tests/bench/prefix.py $(BENCH_ARGS)
 
 # A smoke run of the same (~2 min): small levels, short requests.
 bench-quick: install

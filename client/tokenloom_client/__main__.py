@@ -273,7 +273,7 @@ def _finish(args: argparse.Namespace, reason: str | None, usage: Usage | None,
             error_message: str) -> int:
     if args.show_usage:
         counts = (f" prompt_tokens={usage.prompt_tokens} "
-                  f"generated_tokens={usage.generated_tokens}" if usage else "")
+                  f"generated_tokens={usage.generated_tokens} cached_tokens={usage.cached_tokens}" if usage else "")
         print(f"finish_reason={reason}{counts}", file=sys.stderr)
     if reason == "error" or reason is None:
         print(f"error: {error_message or 'generation did not finish'}", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from . import convert
+from .best_so_far import BestSoFar
 from .pb.tokenloom.v1 import generation_pb2 as pb
 from .pb.tokenloom.v1.generation_pb2_grpc import GenerationStub
 from .types import ChatMessage, GenerationResult, ModelInfo, ScoreResult, StreamChunk
@@ -90,9 +91,10 @@ class Client:
 
     def _stream(self, request: pb.GenerateRequest) -> Iterator[StreamChunk]:
         call = self._stub.Generate(request, **self._options)
+        best = BestSoFar()
         try:
             for response in call:
-                yield convert.to_chunk(response)
+                yield convert.to_chunk(response, best)
         finally:
             # Leaving the loop early must reach the server as a cancellation; otherwise
             # the request keeps its engine rows until it finishes. A no-op once done.
@@ -152,9 +154,10 @@ class AsyncClient:
 
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[StreamChunk]:
         call = self._stub.Generate(request, **self._options)
+        best = BestSoFar()
         try:
             async for response in call:
-                yield convert.to_chunk(response)
+                yield convert.to_chunk(response, best)
         finally:
             call.cancel()  # as in Client._stream: an abandoned stream frees its rows
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, MutableSequence
 from typing import Any
 
+from .best_so_far import BestSoFar
 from .pb.tokenloom.v1 import generation_pb2 as pb
 from .types import (
     ChatMessage,
@@ -129,7 +130,8 @@ def finish_reason(value: int) -> str | None:
 
 
 def _usage(message: pb.Usage) -> Usage:
-    return Usage(prompt_tokens=message.prompt_tokens, generated_tokens=message.generated_tokens)
+    return Usage(prompt_tokens=message.prompt_tokens, generated_tokens=message.generated_tokens,
+                 cached_tokens=message.cached_tokens)
 
 
 def _top_tokens(positions: Iterable[pb.TopTokens]) -> list[list[TopToken]]:
@@ -142,7 +144,14 @@ def _hypotheses(hypotheses: Iterable[pb.Hypothesis]) -> list[Hypothesis]:
                        finish_reason=finish_reason(h.finish_reason)) for h in hypotheses]
 
 
-def to_chunk(response: pb.GenerateResponse) -> StreamChunk:
+def to_chunk(response: pb.GenerateResponse, best: BestSoFar | None = None) -> StreamChunk:
+    """`best` carries a beam stream's progress from one message to the next (pass the same one for
+    every message of a stream); a provisional chunk then lists the whole best so far in `hypotheses`."""
+    hypotheses = _hypotheses(response.hypotheses)
+    if response.HasField("best_update"):
+        u = response.best_update
+        best = best if best is not None else BestSoFar()
+        hypotheses = [best.update(u.keep_tokens, list(u.token_ids), u.keep_text_bytes, u.text_suffix)]
     return StreamChunk(
         request_id=response.request_id,
         token_ids=list(response.token_ids),
@@ -154,7 +163,7 @@ def to_chunk(response: pb.GenerateResponse) -> StreamChunk:
         index=response.index,
         top_tokens=_top_tokens(response.top_tokens),
         provisional=response.provisional,
-        hypotheses=_hypotheses(response.hypotheses),
+        hypotheses=hypotheses,
     )
 
 
@@ -180,6 +189,7 @@ def to_score_result(response: pb.ScoreResponse) -> ScoreResult:
         continuation_ids=list(response.continuation_ids),
         logprobs=list(response.logprobs),
         total_logprob=response.total_logprob,
+        usage=_usage(response.usage) if response.HasField("usage") else None,
     )
 
 

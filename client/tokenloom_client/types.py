@@ -20,6 +20,7 @@ class ChatMessage:
 class Usage:
     prompt_tokens: int
     generated_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those served from the server's prefix cache
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,9 @@ class StreamChunk:
     """One message of a stream: the tokens and text produced since the previous one.
 
     With `num_return_sequences` samples, `index` says which sample the chunk extends.
-    Beam search streams no text: each chunk carries the best hypothesis so far
-    (`provisional`), and the last one the n best, `hypotheses[0]` also as token_ids/text.
+    Beam search streams no text: each chunk carries the whole best hypothesis so far
+    (`provisional`; the SDK rebuilds it from the server's per-step edits), and the last one
+    the n best, `hypotheses[0]` also as token_ids/text.
     The last chunk of every request lists every returned sequence in `hypotheses`.
     """
 
@@ -92,6 +94,7 @@ class ScoreResult:
     continuation_ids: list[int]
     logprobs: list[float]  # log p(continuation_ids[i] | prompt, continuation_ids[:i])
     total_logprob: float
+    usage: Usage | None = None  # prompt and continuation tokens, and how many came from the prefix cache
 
 
 @dataclass(frozen=True)

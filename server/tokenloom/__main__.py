@@ -9,14 +9,16 @@ import os
 import sys
 from pathlib import Path
 
-from .front.admission import AdmissionConfig
+from .front.admission import QUEUED_REQUESTS_PER_SEQ, AdmissionConfig
+from .front.stream import StreamConfig
 from .front.validation import Limits
 from .engine.engine_thread import EngineThread
 from .fault import FaultPlan
 from .metrics import MetricsConfig
 from .executor.models import ModelSpec
 from .engine.scheduler import SchedulerConfig
-from .server import CacheConfig, ServerConfig, load_runtime, serve
+from .front.clients import TokensFile
+from .server import CacheConfig, ListenError, ServerConfig, load_runtime, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +29,13 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("network")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on")
     g.add_argument("--port", type=int, default=50051, help="gRPC port")
-    g.add_argument("--grace-seconds", type=float, default=10.0, help="on SIGTERM/SIGINT, time open streams get to finish")
+    g.add_argument("--grace-seconds", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, time open streams get to finish; those still open then get UNAVAILABLE, "
+                        "and the process exits within a second")
+    g.add_argument("--stream-buffer", type=int, default=64,
+                   help="messages a stream may hold for a client that does not read before its rows pause")
+    g.add_argument("--stream-idle-timeout", type=float, default=60.0,
+                   help="seconds a client may leave a waiting message unread before its stream is cut (0: never)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="default",
                    help="local HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
@@ -54,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV store capacity in tokens, allocated once")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full instead of reusing the KV of prefixes computed before")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one engine step")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens computed per step; longer prompts are prefilled in chunks of what is left")
@@ -80,13 +90,24 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-key", metavar="PATH", help="PEM private key of --tls-cert")
     g.add_argument("--auth-token", default=None,
                    help="require metadata 'authorization: Bearer <token>' on every RPC but health and "
-                        "reflection (default: $TOKENLOOM_AUTH_TOKEN if set; else no authentication)")
+                        "reflection (default: $TOKENLOOM_AUTH_TOKEN if set; else no authentication); visible in "
+                        "`ps`: prefer --auth-token-file")
+    g.add_argument("--auth-token-file", metavar="PATH", default=None,
+                   help="as --auth-token, the token read from PATH (surrounding whitespace stripped)")
+    g.add_argument("--auth-tokens-file", metavar="PATH", default=None,
+                   help="a JSON file of tokens, each naming its client id (the client admission counts) and "
+                        "optionally its own max_streams and rate_limit; reloaded on SIGHUP (docs/operations.md)")
     p.add_argument("--inject-fault", action="append", metavar="KIND=SEED", default=None,
                    help="FOR TESTS ONLY: make requests with this sampling seed fail; KIND is sample-error "
                         "(their own step raises after 2 tokens) or engine-death (admitting one kills the engine)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="INFO logs one line per finished request (logger tokenloom.requests)")
     return p
+
+
+# At the end of a help string: keeps ArgumentDefaultsHelpFormatter from adding "(default: None)" to a
+# flag whose default the help states in words (it adds none to a help that mentions %(default)).
+_NO_DEFAULT_SHOWN = "%(default).0s"
 
 
 def _admission_flags(p: argparse.ArgumentParser) -> None:
@@ -96,16 +117,35 @@ def _admission_flags(p: argparse.ArgumentParser) -> None:
                    help="requests a client may start per --rate-limit-period (sliding window)")
     g.add_argument("--rate-limit-period", type=float, default=1.0, help="seconds")
     g.add_argument("--max-streams-per-client", type=int, default=0, help="requests a client may have open at once")
-    g.add_argument("--max-queued-requests", type=int, default=1024,
-                   help="requests admitted and still waiting for their first token, over all clients")
-    g.add_argument("--max-queued-prompt-tokens", type=int, default=0,
-                   help="prompt tokens of those requests (a longer prompt is admitted into an empty queue)")
+    g.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests admitted and still waiting for their first token, over all clients (default: "
+                        f"{QUEUED_REQUESTS_PER_SEQ} x --max-num-seqs){_NO_DEFAULT_SHOWN}")
+    g.add_argument("--max-queued-prompt-tokens", type=int, default=None,
+                   help="prompt tokens of those requests; a longer prompt is admitted into an empty queue "
+                        f"(default: the KV store's capacity, --kv-cache-tokens){_NO_DEFAULT_SHOWN}")
+    g.add_argument("--max-queue-wait", type=float, default=60.0, metavar="SECONDS",
+                   help="a request still without its first token this long after admission is ended with "
+                        "RESOURCE_EXHAUSTED and a retry hint, and leaves the engine")
     g.add_argument("--client-id-metadata-key", default="x-client-id",
-                   help="gRPC metadata key naming the client; without it (or with '') the peer's host is the client")
+                   help="gRPC metadata key naming the client, read only with --trust-client-id-metadata")
+    g.add_argument("--trust-client-id-metadata", action="store_true",
+                   help="take the client id from --client-id-metadata-key when a call has it (for a proxy in front "
+                        "that sets it); else the client is the peer's host, or the token's client with "
+                        "--auth-tokens-file (which never reads the key)")
 
 
-def auth_token(flag: str | None, environ=os.environ) -> str | None:
-    """The flag wins over TOKENLOOM_AUTH_TOKEN; an empty environment variable counts as unset."""
+def auth_token(flag: str | None, environ=os.environ, path: str | None = None) -> str | None:
+    """--auth-token or --auth-token-file (not both) win over TOKENLOOM_AUTH_TOKEN; an empty environment
+    variable counts as unset. Raises ValueError for a file that cannot be read or holds no token."""
+    if path is not None:
+        if flag is not None:
+            raise ValueError("--auth-token and --auth-token-file exclude each other: give one")
+        try:
+            flag = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the token file (--auth-token-file): {exc}") from None
+        if not flag:
+            raise ValueError(f"the token file {path} (--auth-token-file) is empty")
     return flag if flag is not None else environ.get("TOKENLOOM_AUTH_TOKEN") or None
 
 
@@ -117,8 +157,16 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
     except OSError as exc:
         raise ValueError(f"cannot read the TLS certificate or key: {exc}") from exc
+    if args.auth_tokens_file is not None:
+        if args.auth_token is not None or args.auth_token_file is not None:
+            raise ValueError("--auth-tokens-file excludes --auth-token and --auth-token-file: give one")
+        TokensFile(args.auth_tokens_file)  # read once here, so that a bad file stops us before the model loads
+        token = None  # $TOKENLOOM_AUTH_TOKEN does not apply: the file names every token
+    else:
+        token = auth_token(args.auth_token, path=args.auth_token_file)
     return ServerConfig(args.host, args.port, args.grace_seconds, tls_cert_chain=cert, tls_private_key=key,
-                        auth_token=auth_token(args.auth_token))
+                        auth_token=token, auth_tokens_file=args.auth_tokens_file,
+                        stream=StreamConfig(args.stream_buffer, args.stream_idle_timeout))
 
 
 def runtime_configs(args: argparse.Namespace) -> tuple[ModelSpec, CacheConfig, SchedulerConfig, Limits]:
@@ -129,7 +177,8 @@ def runtime_configs(args: argparse.Namespace) -> tuple[ModelSpec, CacheConfig, S
         attention_kernel=args.attention_kernel, load_format=args.load_format, model_impl=args.model_impl,
         quantization=args.quantization,
     )
-    cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
+    cache_cfg = CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
+                            prefix_caching=not args.no_prefix_caching)
     sched_cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 policy=args.schedule_policy)
     limits = Limits(
@@ -150,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         admission_cfg = AdmissionConfig(
             rate_limit_per_client=args.rate_limit_per_client, rate_limit_period=args.rate_limit_period,
             max_streams_per_client=args.max_streams_per_client, max_queued_requests=args.max_queued_requests,
-            max_queued_prompt_tokens=args.max_queued_prompt_tokens, client_id_metadata_key=args.client_id_metadata_key,
+            max_queued_prompt_tokens=args.max_queued_prompt_tokens, max_queue_wait=args.max_queue_wait,
+            client_id_metadata_key=args.client_id_metadata_key,
+            trust_client_id_metadata=args.trust_client_id_metadata,
         )
         faults = FaultPlan.parse(args.inject_fault)
         # Every torch op of the process runs on the engine's thread, the load included (engine_thread.py).
@@ -161,9 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if faults.active:
         logging.getLogger("tokenloom").warning("fault injection is on (%s): a test setting, never for serving", faults)
-    asyncio.run(serve(runtime, server_cfg, engine_thread, metrics_cfg=metrics_cfg,
-                      admission_cfg=admission_cfg, faults=faults))
-    return 0
+    try:
+        asyncio.run(serve(runtime, server_cfg, engine_thread, metrics_cfg=metrics_cfg,
+                          admission_cfg=admission_cfg, faults=faults))
+    except ListenError as exc:
+        print(f"tokenloom: {exc}", file=sys.stderr)
+        return 1
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Served and drained: exit without the interpreter's finalisation. Its module teardown and full
+    garbage collection over torch's and transformers' objects take seconds on a busy machine (2-3 s
+    measured on the 2-core one), have nothing left to release, and would break the promise that
+    the process is gone within --grace-seconds plus one second of a SIGTERM."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ PREFIX = "tokenloom_"
 # Outcomes and reasons exported at 0 from the start, so that rate() and alerts see them
 # before the first occurrence. Any other value still counts when it happens.
 KNOWN_OUTCOMES = (
-    "eos", "length", "stop_string", "cancelled",
+    "eos", "length", "stop_string", "cancelled", "stream_idle_timeout", "shutdown",
     "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL",
 )
 KNOWN_REJECT_REASONS = (
     "rate_limit_per_client", "max_streams_per_client", "max_queued_requests", "max_queued_prompt_tokens",
-    "draining", "too_large", "engine_unavailable",
+    "max_queue_wait", "draining", "too_large", "engine_unavailable",
 )
+KNOWN_AUTH_FAILURES = ("missing", "malformed", "rejected")
 
 # Latency buckets span a fast GPU (sub-millisecond decode steps) to a loaded CPU (seconds).
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -54,11 +55,20 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self._finished = Counter(
             PREFIX + "requests_finished", "Requests ended, by outcome: a finish reason (eos, length, "
-            "stop_string), cancelled by the client, or the gRPC status code name of an error",
+            "stop_string), cancelled by the client, shutdown (ended when the drain's grace ran out), or the gRPC "
+            "status code name of an error",
             ["outcome"], registry=r,
         )
         self._rejected = Counter(
             PREFIX + "requests_rejected", "Requests refused before running, by reason", ["reason"], registry=r
+        )
+        self._auth_failures = Counter(
+            PREFIX + "auth_failures", "Calls refused with UNAUTHENTICATED, by reason: no token (missing), "
+            "not 'Bearer <token>' (malformed), a token not accepted (rejected)", ["reason"], registry=r,
+        )
+        self._malformed = Counter(
+            PREFIX + "malformed_requests", "Calls refused with INVALID_ARGUMENT because their body did not parse",
+            registry=r,
         )
         self._prompt_tokens = Counter(
             PREFIX + "prompt_tokens", "Input tokens of requests that reached the engine", registry=r
@@ -69,6 +79,11 @@ class Metrics:
         self._preemptions = Counter(
             PREFIX + "preemptions", "Requests preempted (KV freed, recomputed later)", registry=r
         )
+        self._prefix_queries = Counter(
+            PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache (all but each prompt's last)",
+            registry=r)
+        self._prefix_hits = Counter(
+            PREFIX + "prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache", registry=r)
         self._ttft = Histogram(
             PREFIX + "time_to_first_token_seconds", "From the request's arrival to its first token",
             buckets=_TTFT_BUCKETS, registry=r,
@@ -95,12 +110,21 @@ class Metrics:
             PREFIX + "waiting_requests", "Requests queued for their first (or, if preempted, next) step", registry=r
         )
         self._running = Gauge(PREFIX + "running_sequences", "Sequences holding KV in the running batch", registry=r)
+        self._paused = Gauge(PREFIX + "paused_sequences",
+                             "Sequences out of the steps because their client stopped reading", registry=r)
+        self._stream_pauses = Counter(PREFIX + "stream_pauses",
+                                      "Times a request's rows paused because its client had not read its buffer",
+                                      registry=r)
+        self._open_streams = Gauge(PREFIX + "open_streams", "Requests between submission and their last event read",
+                                   registry=r)
         self._kv_ratio = Gauge(PREFIX + "kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
         self._kv_bytes = Gauge(PREFIX + "kv_cache_used_bytes", "Bytes of the KV store in used blocks", registry=r)
         for outcome in KNOWN_OUTCOMES:
             self._finished.labels(outcome=outcome)
         for reason in KNOWN_REJECT_REASONS:
             self._rejected.labels(reason=reason)
+        for reason in KNOWN_AUTH_FAILURES:
+            self._auth_failures.labels(reason=reason)
 
     # -- the asyncio side: what clients see -------------------------------------------
 
@@ -110,9 +134,21 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(reason=reason).inc()
 
+    def auth_failed(self, reason: str) -> None:
+        self._auth_failures.labels(reason=reason).inc()
+
+    def malformed_request(self) -> None:
+        self._malformed.inc()
+
     def tokens(self, prompt: int, generated: int) -> None:
         self._prompt_tokens.inc(prompt)
         self._generated_tokens.inc(generated)
+
+    def stream_paused(self) -> None:
+        self._stream_pauses.inc()
+
+    def open_streams(self, n: int) -> None:
+        self._open_streams.set(n)
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)
@@ -134,11 +170,18 @@ class Metrics:
         self._step_tokens.observe(tokens)
 
     def gauges(self, waiting: int, running_seqs: int, kv_used_blocks: int, kv_total_blocks: int,
-               kv_bytes_used: int) -> None:
+               kv_bytes_used: int, paused_seqs: int = 0) -> None:
         self._waiting.set(waiting)
         self._running.set(running_seqs)
+        self._paused.set(paused_seqs)
         self._kv_ratio.set(kv_used_blocks / kv_total_blocks if kv_total_blocks else 0.0)
         self._kv_bytes.set(kv_bytes_used)
+
+    def prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        if queried_tokens:
+            self._prefix_queries.inc(queried_tokens)
+        if hit_tokens:
+            self._prefix_hits.inc(hit_tokens)
 
     def preempted(self, n: int) -> None:
         if n:

@@ -98,6 +98,34 @@ class Hypothesis:
 
 
 @dataclass(frozen=True)
+class BestUpdate:
+    """Beam progress: the new best running hypothesis as an edit of the one shown before.
+
+    The client keeps the first `keep_tokens` ids and `keep_text_bytes` UTF-8 bytes of the text it
+    holds and appends `token_ids` and `text_suffix` (the proto's BestUpdate says the same).
+    """
+
+    keep_tokens: int
+    token_ids: tuple[int, ...]
+    keep_text_bytes: int
+    text_suffix: str
+
+    @classmethod
+    def between(cls, old_ids: tuple[int, ...], old_text: str, ids: tuple[int, ...], text: str) -> BestUpdate:
+        keep = _common_prefix_len(old_ids, ids)
+        keep_chars = _common_prefix_len(old_text, text)  # in characters, so the byte cut is a boundary
+        return cls(keep, tuple(ids[keep:]), len(text[:keep_chars].encode()), text[keep_chars:])
+
+
+def _common_prefix_len(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """What one engine step produced for one request.
 
@@ -114,10 +142,12 @@ class TokenEvent:
     final: bool = False
     index: int = 0
     top_tokens: tuple[tuple[TopToken, ...], ...] = ()
-    provisional: bool = False  # beams: `hypotheses` holds the best so far
+    provisional: bool = False  # beams: `best_update` says how the best so far changed
     hypotheses: tuple[Hypothesis, ...] = ()
+    best_update: BestUpdate | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str = ""
 
 
@@ -134,6 +164,7 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0
     error: str = ""
 
     def add(self, event: TokenEvent) -> None:
@@ -149,4 +180,5 @@ class GenerationOutput:
             self.finish_reason = event.finish_reason or self.finish_reason
             self.prompt_tokens = event.prompt_tokens
             self.generated_tokens = event.generated_tokens
+            self.cached_tokens = event.cached_tokens
             self.error = event.error

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +19,9 @@ from .executor import attention, decode_kernel, model_impl
 from .front import reflection, servicer
 from .front.admission import Admission, AdmissionConfig
 from .front.auth import BearerTokenInterceptor
+from .front.clients import TokensFile
+from .front.decoding import MalformedRequestInterceptor
+from .front.identity import Identify
 from .engine.block_manager import BlockManager
 from .engine import generation
 from .engine.engine import Engine
@@ -30,21 +35,24 @@ from .executor.models import LoadedModel, ModelSpec, load_model
 from .front.preprocessor import Preprocessor
 from .request import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from .engine.scheduler import Scheduler, SchedulerConfig
-from .front.stream import StreamHub
+from .front.stream import StreamConfig, StreamHub
 from .front.validation import Limits
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# After the drain: how long what is left (health Watch streams, the last statuses of streams
-# that just ended, streams past the grace) gets before it is cut.
-_CLOSE_SECONDS = 1.0
+# After the grace, how long the requests still open get to take the end the engine's stop gives them.
+_CUT_SECONDS = 0.5
+# After the drain: how long what is left (health Watch streams, the last statuses of streams that
+# just ended, a stream whose client stopped reading) gets before gRPC cuts it.
+_CLOSE_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     kv_cache_tokens: int = 32768  # capacity of the KV store, allocated once at start
     block_size: int = 16
+    prefix_caching: bool = True  # full blocks of computed prompts are found again by later requests
 
     def __post_init__(self):
         if self.block_size < 1 or self.kv_cache_tokens < self.block_size:
@@ -60,12 +68,25 @@ class ServerConfig:
     tls_cert_chain: bytes | None = field(default=None, repr=False)
     tls_private_key: bytes | None = field(default=None, repr=False)
     auth_token: str | None = field(default=None, repr=False)  # None: no authentication
+    auth_tokens_file: str | None = None  # tokens -> client ids and limits (front/clients.py); reloaded on SIGHUP
+    stream: StreamConfig = StreamConfig()  # per-stream buffer and idle cut (front/stream.py)
 
     def __post_init__(self):
         if (self.tls_cert_chain is None) != (self.tls_private_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("the auth token (--auth-token / TOKENLOOM_AUTH_TOKEN) must not be empty")
+        if self.auth_token is not None and self.auth_tokens_file is not None:
+            raise ValueError("give one token source: --auth-tokens-file, or --auth-token / --auth-token-file / "
+                             "TOKENLOOM_AUTH_TOKEN, not both")
+
+    @property
+    def authenticated(self) -> bool:
+        return self.auth_token is not None or self.auth_tokens_file is not None
+
+
+class ListenError(RuntimeError):
+    """A port to serve on could not be bound (in use, or not an address of this machine)."""
 
 
 def eos_ids(model) -> frozenset[int]:
@@ -90,7 +111,7 @@ class Runtime:
         device = next(model.parameters()).device
         num_blocks = cache_cfg.kv_cache_tokens // cache_cfg.block_size
         self.cache = KVCache(KVShape.from_config(config), num_blocks, cache_cfg.block_size, model.dtype, device)
-        self.blocks = BlockManager(num_blocks, cache_cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cache_cfg.block_size, prefix_caching=cache_cfg.prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.blocks)
         self.seq_ids = itertools.count()  # shared by every engine of this runtime: they share the scheduler
         self.eos_token_ids = eos_ids(model)
@@ -154,11 +175,43 @@ def _max_message_bytes(limits: Limits) -> int:
     return max(4 * 2**20, 64 * limits.context_length)
 
 
-def _listen(server: grpc.aio.Server, config: ServerConfig, address: str) -> int:
-    if config.tls_cert_chain is None:
-        return server.add_insecure_port(address)
-    credentials = grpc.ssl_server_credentials([(config.tls_private_key, config.tls_cert_chain)])
-    return server.add_secure_port(address, credentials)
+def _listen(server: grpc.aio.Server, config: ServerConfig, address: str) -> None:
+    """Bind `address` alone: the server is built without SO_REUSEPORT, so a port that another process
+    listens on is an error here, not a port the two share."""
+    try:
+        if config.tls_cert_chain is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials([(config.tls_private_key, config.tls_cert_chain)])
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc >= 1.5x raises where older versions returned 0
+        port = 0
+    if port == 0:
+        raise ListenError(f"cannot listen on {address}: {_bind_error(config.host, config.port)} "
+                          f"(is another server on port {config.port}?)")
+
+
+def _bind_error(host: str, port: int) -> str:
+    """Why binding `host:port` fails, from the OS (gRPC's own error does not say)."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host.strip("[]") or None, port,
+                                                              type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(sockaddr)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "gRPC could not bind it"
+
+
+def _metrics_exposed(metrics_cfg: MetricsConfig | None, config: ServerConfig) -> bool:
+    """The gRPC port is protected (TLS or a token) while /metrics, plain HTTP without a token,
+    listens beyond this machine."""
+    if metrics_cfg is None or not metrics_cfg.port or not (config.tls_cert_chain or config.authenticated):
+        return False
+    try:
+        return not ipaddress.ip_address(metrics_cfg.host.strip("[]")).is_loopback
+    except ValueError:
+        return metrics_cfg.host != "localhost"
 
 
 async def _health_and_reflection(server: grpc.aio.Server) -> grpc_health.aio.HealthServicer:
@@ -185,15 +238,45 @@ async def _not_serving_on(engine_failed: asyncio.Event, health) -> None:
     log.critical("health: NOT_SERVING, the engine has failed; restart the server")
 
 
-async def _drain(server: grpc.aio.Server, health, admission: Admission, grace: float) -> None:
+def _reload(tokens: TokensFile, admission: Admission) -> None:
+    """SIGHUP: read the tokens file again; a file that does not load leaves everything as it was."""
+    if tokens.reload():
+        admission.set_client_limits(tokens.table.limits)
+
+
+async def _drain(server: grpc.aio.Server, health, admission: Admission, engine: Engine, hub: StreamHub,
+                 grace: float) -> None:
     """NOT_SERVING while the port still answers (a health Check then says NOT_SERVING rather than
-    failing to connect), no new request admitted (UNAVAILABLE), open ones get `grace` seconds."""
+    failing to connect), no new request admitted (UNAVAILABLE), open ones get `grace` seconds.
+
+    Those still open then are ended by the engine's stop, which gives each its final event at the
+    next step boundary: their handlers answer UNAVAILABLE (the server is shutting down) and count
+    them as `shutdown`. What has not ended `_CUT_SECONDS` later (a client that stopped reading),
+    `_close` leaves to gRPC. All of it fits in the second after the grace that a shutdown may take."""
     await health.enter_graceful_shutdown()
     admission.close()
-    log.info("draining: health NOT_SERVING, %d open requests get up to %.0f s", admission.num_open, grace)
-    if not await admission.wait_idle(grace):
-        log.warning("%d requests still open after %.0f s: cancelling them", admission.num_open, grace)
-    await server.stop(_CLOSE_SECONDS)
+    log.info("draining: health NOT_SERVING, %d open requests get up to %g s", admission.num_open, grace)
+    if await admission.wait_idle(grace):
+        await asyncio.to_thread(engine.stop)
+    else:
+        log.warning("%d requests still open after %g s: ending them (UNAVAILABLE, the server is shutting down)",
+                    admission.num_open, grace)
+        admission.cut()
+        deadline = time.monotonic() + _CUT_SECONDS
+        hub.cut_unread(servicer.SHUTDOWN_MESSAGE)  # blocked on a client that does not read: they would not see their end
+        await asyncio.to_thread(engine.stop, _CUT_SECONDS)
+        if not await admission.wait_idle(max(deadline - time.monotonic(), 0.0)):
+            log.warning("%d requests did not take their end in %g s: gRPC cancels them",
+                        admission.num_open, _CUT_SECONDS)
+
+
+async def _close(server: grpc.aio.Server, endpoint) -> None:
+    """After the drain, together: gRPC cuts what is left after `_CLOSE_SECONDS`, and the metrics
+    endpoint's thread stops (it looks for a stop every 0.5 s)."""
+    stops = [server.stop(_CLOSE_SECONDS)]
+    if endpoint is not None:
+        stops.append(asyncio.to_thread(endpoint.stop))
+    await asyncio.gather(*stops)
 
 
 async def serve(
@@ -204,7 +287,7 @@ async def serve(
 ) -> None:
     loop = asyncio.get_running_loop()
     metrics = Metrics()
-    hub = StreamHub(loop, metrics)
+    hub = StreamHub(loop, metrics, config.stream)
     engine_failed = asyncio.Event()
 
     def on_engine_exit(death: BaseException | None) -> None:  # engine thread
@@ -214,20 +297,46 @@ async def serve(
     engine = runtime.engine(hub.publish, metrics, faults=faults, on_exit=on_engine_exit)
     hub.engine = engine
     size = _max_message_bytes(runtime.limits)
+    tokens = TokensFile(config.auth_tokens_file) if config.auth_tokens_file else None
+    # Authentication first: a call without a valid token is refused before its body is parsed.
+    interceptors = [MalformedRequestInterceptor(metrics.malformed_request)]
+    if tokens is not None:
+        interceptors.insert(0, BearerTokenInterceptor(lambda t: tokens.table.client_of(t) is not None,
+                                                      metrics.auth_failed))
+    elif config.auth_token:
+        interceptors.insert(0, BearerTokenInterceptor(config.auth_token, metrics.auth_failed))
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
-        interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else None,
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                 ("grpc.so_reuseport", 0)],
+        interceptors=interceptors,
     )
-    admission = Admission(admission_cfg or AdmissionConfig())
-    servicer.add_to_server(servicer.GenerationServicer(runtime.preprocessor, hub, runtime.served, admission), server)
+    admission_cfg = (admission_cfg or AdmissionConfig()).resolved(runtime.served.max_num_seqs,
+                                                                   runtime.served.kv_cache_tokens)
+    admission = Admission(admission_cfg)
+    log.info("admission: up to %s queued requests and %s queued prompt tokens, queue wait up to %s",
+             admission_cfg.max_queued_requests or "unlimited", admission_cfg.max_queued_prompt_tokens or "unlimited",
+             f"{admission_cfg.max_queue_wait:g} s" if admission_cfg.max_queue_wait else "unlimited")
+    if tokens is not None:
+        admission.set_client_limits(tokens.table.limits)
+    identify = Identify(admission_cfg.trusted_metadata_key, tokens)
+    servicer.add_to_server(
+        servicer.GenerationServicer(runtime.preprocessor, hub, runtime.served, admission, identify=identify), server)
     health = await _health_and_reflection(server)
     address = f"{config.host}:{config.port}"
-    if _listen(server, config, address) == 0:
-        raise RuntimeError(f"cannot listen on {address}")
-    endpoint = metrics.serve_http(metrics_cfg) if metrics_cfg is not None else None
+    _listen(server, config, address)
+    try:
+        endpoint = metrics.serve_http(metrics_cfg) if metrics_cfg is not None else None
+    except RuntimeError as exc:
+        raise ListenError(str(exc)) from None
+    if _metrics_exposed(metrics_cfg, config):
+        log.warning("/metrics on http://%s:%d is plain HTTP without authentication, reachable beyond this "
+                    "machine, while gRPC needs TLS or a token: bind it to this machine with --metrics-host "
+                    "127.0.0.1, or turn it off with --metrics-port 0", metrics_cfg.host, metrics_cfg.port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if tokens is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, tokens, admission)
     await server.start()
     # Health answers NOT_SERVING meanwhile. The warm-up steps the shared scheduler and KV store, so
     # the serving engine starts after it (requests that come early wait in its inbox).
@@ -235,7 +344,9 @@ async def serve(
     engine.start(engine_thread)
     if not stop.is_set():
         await _set_serving(health)
-    security = ("TLS" if config.tls_cert_chain else "plaintext") + (", bearer token" if config.auth_token else "")
+    tokens_used = f", bearer tokens of {len(tokens.table.limits)} clients" if tokens else ""
+    security = ("TLS" if config.tls_cert_chain else "plaintext") + (
+        tokens_used or (", bearer token" if config.auth_token else ""))
     log.info("tokenloom serving %s on %s (%s)", runtime.served.name, address, security)
     print(f"tokenloom: serving {runtime.served.name} on {address} ({security})", flush=True)
     if ready is not None:
@@ -245,7 +356,7 @@ async def serve(
     failed = asyncio.ensure_future(_not_serving_on(engine_failed, health))
     await stop.wait()
     failed.cancel()
-    await _drain(server, health, admission, config.grace_seconds)
-    engine.stop()
-    if endpoint is not None:
-        endpoint.stop()
+    signalled = time.monotonic()
+    await _drain(server, health, admission, engine, hub, config.grace_seconds)
+    await _close(server, endpoint)
+    log.info("stopped %.2f s after the signal (grace %g s)", time.monotonic() - signalled, config.grace_seconds)

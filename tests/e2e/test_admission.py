@@ -17,7 +17,9 @@ import pytest
 from server_process import ServerProcess
 from tokenloom_client import AsyncClient
 
-BASE_ARGS = ("--kv-cache-tokens", "8192", "--max-num-batched-tokens", "256", "--log-level", "INFO")
+# The tests name their clients with x-client-id, which the server reads only when told to trust it.
+BASE_ARGS = ("--kv-cache-tokens", "8192", "--max-num-batched-tokens", "256", "--log-level", "INFO",
+             "--trust-client-id-metadata")
 SERVERS = {
     "rate": ("--rate-limit-per-client", "3", "--rate-limit-period", "60"),
     "streams": ("--max-streams-per-client", "2"),
@@ -204,7 +206,7 @@ def test_without_metadata_the_peer_host_is_the_client(servers):
             await asyncio.gather(*streams)
         return err
 
-    assert "client '127.0.0.1'" in asyncio.run(go()).details()
+    assert "client 'loopback'" in asyncio.run(go()).details()  # 127.0.0.1 and ::1 alike
 
 
 # -- global queue caps ----------------------------------------------------------------------------------

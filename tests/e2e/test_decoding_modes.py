@@ -117,6 +117,69 @@ def test_beam_stream_sends_provisional_best_then_final_n_best(tiny_servers):
     assert final.hypotheses[0].score >= final.hypotheses[1].score
 
 
+def _rebuild(best: tuple[list[int], bytes], update) -> tuple[list[int], bytes]:
+    """BestUpdate applied as the proto comment spells it, without the SDK, as another language would."""
+    ids, text = best
+    assert update.keep_tokens <= len(ids) and update.keep_text_bytes <= len(text)
+    ids = ids[:update.keep_tokens] + list(update.token_ids)
+    return ids, text[:update.keep_text_bytes] + update.text_suffix.encode()
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_beam_progress_bytes_grow_linearly_and_rebuild_the_best_every_step(tiny_servers, tiny_dirs, n):
+    from transformers import AutoTokenizer
+
+    from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
+    from tokenloom_client.pb.tokenloom.v1.generation_pb2_grpc import GenerationStub
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"], local_files_only=True)
+    request_id = "beam-bytes"
+    params = dict(max_new_tokens=n, num_beams=4, num_return_sequences=2, ignore_eos=True)
+    request = pb.GenerateRequest(request_id=request_id, input_ids=list(range(40, 60)),
+                                 parameters=pb.GenerationParameters(**params))
+    with grpc.insecure_channel(tiny_servers["llama"].address) as channel:
+        messages = list(GenerationStub(channel).Generate(request, timeout=120))
+    *provisional, final = messages
+    assert all(m.provisional and m.HasField("best_update") and not m.hypotheses for m in provisional)
+    assert not final.provisional and not final.HasField("best_update") and len(final.hypotheses) == 2
+    assert [len(h.token_ids) for h in final.hypotheses] == [n, n] and len(provisional) == n - 1
+
+    best, rebuilt, old_bytes, taken_back = ([], b""), [], 0, 0
+    for step, message in enumerate(provisional, start=1):
+        taken_back += message.best_update.keep_tokens < len(best[0])
+        best = _rebuild(best, message.best_update)
+        ids, text = best[0], best[1].decode()
+        assert len(ids) == step and text == tokenizer.decode(ids, skip_special_tokens=True)
+        rebuilt.append((ids, text))
+        # The message this step sent before: the whole best as the one provisional hypothesis.
+        old_bytes += pb.GenerateResponse(request_id=request_id, provisional=True,
+                                         hypotheses=[pb.Hypothesis(token_ids=ids, text=text)]).ByteSize()
+    new_bytes = sum(m.ByteSize() for m in provisional)
+    # Per step: the request id (2 + its length), `provisional` (2), the BestUpdate's header (2), its
+    # two counts (3 each) and one new token (id <= 3 bytes + 2, text + 2): 17 + the token's text.
+    # 64 leaves ~45 bytes per step for text and for the tokens resent when the best switches beams
+    # (measured: ~43 bytes a message in all, a third of the steps switching beams; 11 KB at n = 256,
+    # where the whole best took 302 KB).
+    assert new_bytes <= (len(request_id) + 2 + 64) * n, (new_bytes, taken_back)
+    assert new_bytes * (n // 16) < old_bytes, (new_bytes, old_bytes)  # old: ~ n^2 / 2 tokens
+    assert taken_back, "the best switched beams: the test covers updates that take tokens back"
+    # The last message: the n best whole, once each, and the best again as token_ids / text.
+    whole = sum(3 * len(h.token_ids) + len(h.text.encode()) + 16 for h in final.hypotheses)
+    assert final.ByteSize() <= 2 * whole + 64
+
+    with Client(tiny_servers["llama"].address) as client:  # the SDK hands out the same bests, whole
+        chunks = list(client.stream(input_ids=list(range(40, 60)), request_id=request_id, **params))
+    assert [(c.hypotheses[0].token_ids, c.hypotheses[0].text) for c in chunks if c.provisional] == rebuilt
+
+    async def async_bests():
+        async with AsyncClient(tiny_servers["llama"].address) as client:
+            return [(c.hypotheses[0].token_ids, c.hypotheses[0].text)
+                    async for c in client.stream(input_ids=list(range(40, 60)), **params) if c.provisional]
+
+    assert asyncio.run(async_bests()) == rebuilt
+    assert chunks[-1].hypotheses[0].token_ids == list(final.hypotheses[0].token_ids)
+
+
 def test_top_n_alternatives_are_the_models_softmax(tiny_servers, tiny_dirs, hf_models):
     model, _ = hf_models(tiny_dirs["qwen2"])
     prompt = list(range(700, 730))

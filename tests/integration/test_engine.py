@@ -17,11 +17,11 @@ from tokenloom.front.preprocessor import UserInput
 
 
 class Harness:
-    def __init__(self, path, *, kv_tokens=4096, budget=64, max_seqs=16, **spec):
+    def __init__(self, path, *, kv_tokens=4096, budget=64, max_seqs=16, prefix_caching=True, **spec):
         """`path` None: the embedded default model; `spec`: more ModelSpec fields (e.g. quantization)."""
         self.runtime = load_runtime(
             ModelSpec(path=None if path is None else str(path), **spec),
-            CacheConfig(kv_cache_tokens=kv_tokens, block_size=16),
+            CacheConfig(kv_cache_tokens=kv_tokens, block_size=16, prefix_caching=prefix_caching),
             SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), Limits(),
         )
         self.outputs: dict[str, GenerationOutput] = {}

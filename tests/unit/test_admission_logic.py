@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
 
-from tokenloom.front.admission import Admission, AdmissionConfig, Closed, Rejected, client_identity, peer_host
+from tokenloom.front.admission import Admission, AdmissionConfig, Closed, Rejected
+from tokenloom.front.identity import client_identity, peer_host
 
 
 def run(coro):
@@ -15,7 +17,7 @@ def run(coro):
 
 
 def admission(**kw) -> Admission:
-    return Admission(AdmissionConfig(**{"max_queued_requests": 0, **kw}))
+    return Admission(AdmissionConfig(**{"max_queued_requests": 0, "max_queued_prompt_tokens": 0, **kw}))
 
 
 async def rejected(adm: Admission, client: str = "a", tokens: int = 1) -> Rejected:
@@ -167,18 +169,62 @@ def test_queued_prompt_tokens_cap_but_a_long_prompt_gets_into_an_empty_queue():
     run(go())
 
 
-def test_queue_retry_hint_follows_the_recent_queue_wait():
+def test_queue_retry_hint_is_the_recent_time_between_starts_and_the_message_estimates_the_wait():
     async def go():
-        adm = admission(max_queued_requests=1)
+        adm = admission(max_queued_requests=3)
         for _ in range(20):
             t = await adm.admit("a", 1)
             await asyncio.sleep(0.01)
             t.started()
             t.release()
-        blocker = await adm.admit("a", 1)
+        blockers = [await adm.admit("a", 1) for _ in range(3)]
         err = await rejected(adm, "b")
+        # A place frees about every 0.01 s; behind 3 queued requests, a 4th would start after ~0.04 s.
         assert 0.005 < err.retry_after_seconds < 0.1, err.retry_after_seconds
-        blocker.release()
+        wait = float(re.search(r"would wait about ([0-9.]+) s for its first token", err.message).group(1))
+        assert 0.0 < wait < 0.5, err.message
+        assert f"retry in about {err.retry_after_seconds:.3f} s" in err.message
+        for t in blockers:
+            t.release()
+
+    run(go())
+
+
+def test_queue_full_before_any_start_says_the_wait_is_not_known_and_hints_one_second():
+    async def go():
+        adm = admission(max_queued_prompt_tokens=10)
+        first = await adm.admit("a", 8)
+        err = await rejected(adm, "b", 5)
+        assert err.limit == "max_queued_prompt_tokens" and err.retry_after_seconds == 1.0
+        assert "the wait is not known" in err.message, err.message
+        first.release()
+
+    run(go())
+
+
+# -- queue wait ---------------------------------------------------------------------------------------
+
+
+def test_a_ticket_queued_past_its_deadline_is_told_how_long_it_waited_and_when_to_retry():
+    async def go():
+        adm = admission(max_queue_wait=0.05)
+        t = await adm.admit("a", 4)
+        assert t.queue_deadline == pytest.approx(t.admitted_at + 0.05)
+        behind = await adm.admit("b", 4)
+        await asyncio.sleep(0.06)
+        err = adm.expired(t)
+        assert err.limit == "max_queue_wait" and "--max-queue-wait 0.05" in err.message
+        waited = float(re.search(r"waited ([0-9.]+) s without starting", err.message).group(1))
+        assert 0.05 <= waited < 1, err.message
+        assert "2 requests are waiting for their first token" in err.message
+        # Nothing has started in all that time: the hint is the limit itself.
+        assert err.retry_after_seconds == pytest.approx(0.05)
+        t.release()
+        assert adm.queued_requests == 1
+        adm.check_invariants()
+        behind.release()
+        unlimited = await admission(max_queue_wait=0).admit("a", 1)
+        assert unlimited.queue_deadline is None
 
     run(go())
 
@@ -259,7 +305,7 @@ def test_closed_admission_refuses_new_requests_and_waits_for_open_ones():
 
 
 @pytest.mark.parametrize("field", ["rate_limit_per_client", "max_streams_per_client", "max_queued_requests",
-                                   "max_queued_prompt_tokens"])
+                                   "max_queued_prompt_tokens", "max_queue_wait"])
 def test_negative_limits_are_refused(field):
     with pytest.raises(ValueError, match=field):
         AdmissionConfig(**{field: -1})
@@ -270,13 +316,19 @@ def test_the_rate_period_must_be_positive():
         AdmissionConfig(rate_limit_per_client=1, rate_limit_period=0)
 
 
-def test_unlimited_by_default_except_the_queue_safety_net():
+def test_unlimited_by_default_except_the_queue_whose_caps_come_from_the_engine():
     cfg = AdmissionConfig()
-    assert (cfg.rate_limit_per_client, cfg.max_streams_per_client, cfg.max_queued_prompt_tokens) == (0, 0, 0)
-    assert cfg.max_queued_requests == 1024 and cfg.client_id_metadata_key == "x-client-id"
+    assert (cfg.rate_limit_per_client, cfg.max_streams_per_client) == (0, 0)
+    assert cfg.max_queue_wait == 60 and cfg.client_id_metadata_key == "x-client-id"
+    with pytest.raises(ValueError, match="resolved"):
+        Admission(cfg)  # the queue caps are not derived yet
+    derived = cfg.resolved(max_num_seqs=64, kv_cache_tokens=32768)
+    assert (derived.max_queued_requests, derived.max_queued_prompt_tokens) == (4 * 64, 32768)
+    explicit = AdmissionConfig(max_queued_requests=10, max_queued_prompt_tokens=0).resolved(64, 32768)
+    assert (explicit.max_queued_requests, explicit.max_queued_prompt_tokens) == (10, 0)  # 0: unlimited, kept
 
     async def go():
-        adm = Admission(AdmissionConfig(max_queued_requests=0))
+        adm = Admission(AdmissionConfig(max_queued_requests=0, max_queued_prompt_tokens=0))
         tickets = [await adm.admit("a", 10_000) for _ in range(200)]
         adm.check_invariants()
         for t in tickets:
@@ -286,9 +338,14 @@ def test_unlimited_by_default_except_the_queue_safety_net():
 
 
 @pytest.mark.parametrize("peer, host", [
-    ("ipv4:127.0.0.1:5312", "127.0.0.1"),
-    ("ipv6:[::1]:5312", "::1"),
+    ("ipv4:10.0.0.7:5312", "10.0.0.7"),
     ("ipv6:%5B2001:db8::7%5D:443", "2001:db8::7"),
+    ("ipv6:[::ffff:10.0.0.7]:5312", "10.0.0.7"),  # IPv4-mapped: the same host as over IPv4
+    # Every loopback address is one client, whatever the address family.
+    ("ipv4:127.0.0.1:5312", "loopback"),
+    ("ipv4:127.0.0.2:5312", "loopback"),
+    ("ipv6:[::1]:5312", "loopback"),
+    ("ipv6:[::ffff:127.0.0.1]:5312", "loopback"),
     ("unix:/run/tokenloom.sock", "unix:/run/tokenloom.sock"),
 ])
 def test_peer_host_drops_scheme_and_port(peer, host):

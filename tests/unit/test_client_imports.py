@@ -24,6 +24,7 @@ from tokenloom_client import (
     convert,
 )
 from tokenloom_client import __main__ as cli
+from tokenloom_client.best_so_far import BestSoFar
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
@@ -151,6 +152,23 @@ def test_stream_chunk_carries_index_top_tokens_and_hypotheses():
     assert [[(t.token_id, t.text) for t in step] for step in chunk.top_tokens] == [[(4, " a"), (9, " b")]]
     assert [t.prob for t in chunk.top_tokens[0]] == pytest.approx([0.75, 0.2])
     assert chunk.hypotheses == [Hypothesis([4], " a", pytest.approx(-0.1), None)]
+
+
+def test_provisional_chunks_carry_the_whole_best_rebuilt_from_the_servers_edits():
+    best = BestSoFar()
+    updates = [pb.BestUpdate(token_ids=[5], text_suffix=" The"),
+               pb.BestUpdate(keep_tokens=1, token_ids=[6], keep_text_bytes=4, text_suffix=" café"),
+               pb.BestUpdate(keep_tokens=1, token_ids=[7, 8], keep_text_bytes=4, text_suffix=" sea is")]
+    chunks = [convert.to_chunk(pb.GenerateResponse(request_id="r", provisional=True, best_update=u), best)
+              for u in updates]
+    assert [c.hypotheses for c in chunks] == [[Hypothesis([5], " The", 0.0, None)],
+                                              [Hypothesis([5, 6], " The café", 0.0, None)],
+                                              [Hypothesis([5, 7, 8], " The sea is", 0.0, None)]]
+    final = convert.to_chunk(pb.GenerateResponse(
+        request_id="r", token_ids=[5, 7, 9], text=" The sea", finish_reason=pb.FINISH_REASON_EOS,
+        hypotheses=[pb.Hypothesis(token_ids=[5, 7, 9], text=" The sea", score=-0.5,
+                                  finish_reason=pb.FINISH_REASON_EOS)]), best)
+    assert final.hypotheses == [Hypothesis([5, 7, 9], " The sea", -0.5, "eos")], "the n best come whole"
 
 
 def test_result_score_and_limits_convert():

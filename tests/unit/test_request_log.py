@@ -19,10 +19,10 @@ def test_a_finished_request_reports_tokens_ttft_duration_and_finish_reason():
     record.on_event(TokenEvent("r1", token_ids=(5,)))
     record.first_token_at = 100.25
     record.on_event(TokenEvent("r1", token_ids=(6,), finish_reason=FinishReason.LENGTH, final=True,
-                               prompt_tokens=12, generated_tokens=2))
+                               prompt_tokens=12, generated_tokens=2, cached_tokens=8))
     got = fields(record.line(now=101.5))
     assert got == {"request_id": "r1", "method": "Generate", "client": "10.0.0.7", "prompt_tokens": "12",
-                   "generated_tokens": "2", "ttft_s": "0.2500", "duration_s": "1.5000", "outcome": "length"}
+                   "cached_tokens": "8", "generated_tokens": "2", "delivered_tokens": "2", "ttft_s": "0.2500", "duration_s": "1.5000", "outcome": "length"}
 
 
 def test_a_rejected_request_names_its_limit_and_has_no_ttft():
@@ -36,7 +36,8 @@ def test_a_request_cut_short_reports_the_tokens_it_was_sent():
     record = RequestRecord("Generate", "a", started_at=0.0, request_id="r4", outcome="cancelled")
     for token in (1, 2, 3):
         record.on_event(TokenEvent("r4", token_ids=(token,)))
-    assert fields(record.line(now=1.0))["generated_tokens"] == "3"
+    got = fields(record.line(now=1.0))
+    assert got["generated_tokens"] == "3" and got["delivered_tokens"] == "3"
 
 
 def test_an_unknown_outcome_is_said_so_and_a_missing_id_is_a_dash():

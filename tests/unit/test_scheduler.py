@@ -26,6 +26,7 @@ from tokenloom.engine.generation import GenerationContext, TokenText, start
 from tokenloom.engine.scheduler import POLICIES, Scheduler, SchedulerConfig, SchedulerOutput
 from tokenloom.engine.sequence import Sequence, SequenceGroup, Status
 from tokenloom.request import GenerationRequest, SamplingParams, TokenEvent
+from tokenloom_client.best_so_far import BestSoFar
 
 FIRST_FAKE_TOKEN = 100_000
 SAMPLE_STRIDE = 1_000  # sample (or beam candidate) i emits FIRST_FAKE_TOKEN + i * SAMPLE_STRIDE + k as token k
@@ -119,13 +120,18 @@ class RecordingScheduler(Scheduler):
         # Victims are the newest running groups, newest first.
         if out.preempted:
             assert out.preempted == running_before[::-1][: len(out.preempted)]
+        for group in out.reclaimed:
+            assert group.status is Status.PAUSED and group in self.paused
+            assert all(seq.block_table == [] and seq.num_computed == 0 for seq in group.seqs)
+            for seq in group.seqs:  # it starts again where the prefix cache leaves it (0 without one)
+                self._next_start.pop(seq.seq_id, None)
         for victim in out.preempted:
             assert victim.status is Status.WAITING and victim in self.waiting
             assert victim not in self.running
             for seq in victim.seqs:
                 assert seq not in seqs
                 assert seq.status is Status.WAITING and seq.block_table == [] and seq.num_computed == 0
-                self._next_start[seq.seq_id] = 0
+                self._next_start.pop(seq.seq_id, None)
         for chunk in out.chunks:
             seq = chunk.seq
             group = next(g for g in self.running if seq in g.seqs)
@@ -134,6 +140,7 @@ class RecordingScheduler(Scheduler):
             assert seq.status is Status.RUNNING
             # A sequence first seen here is a fork: it starts where its parent's KV ends.
             expected = self._next_start.setdefault(seq.seq_id, seq.num_computed)
+            assert chunk.start == seq.num_computed
             assert chunk.start == expected, "chunks of a sequence must be contiguous"
             assert chunk.start + chunk.num_tokens <= len(seq.token_ids)
             assert self.blocks.blocks_for(chunk.start + chunk.num_tokens) <= len(seq.block_table), (
@@ -156,16 +163,17 @@ class FakeEngine:
     """The engine's real step loop (engine.step) over `FakeExecutor`, one step at a time."""
 
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 seed: int = 0, policy: str = "prefill-first"):
+                 seed: int = 0, policy: str = "prefill-first", prefix_caching: bool = False):
         self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       policy=policy)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.sched = RecordingScheduler(self.config, self.blocks)
         context = GenerationContext(TokenText(FakeTokenizer()), frozenset(), itertools.count(1_000_000))
         self.generations = {}  # every request's engine-side object, by request id (kept after it ends)
         self.engine = Engine(FakeExecutor(num_blocks, block_size, seed), self.sched, context,
                              publish=self._publish, start=self._start)
         self.events: dict[str, list[TokenEvent]] = {}
+        self._posted = False  # a pause or resume the engine has not taken in yet
 
     def _start(self, group, context):
         generation = self.generations[group.request_id] = start(group, context)
@@ -187,13 +195,25 @@ class FakeEngine:
         self.engine.add(group)
 
     def step(self) -> SchedulerOutput:
-        self._publish(self.engine.step())
+        """Take in what was posted (pauses, resumes), then one step."""
+        steps, self._posted = len(self.outputs), False
+        self.engine.run_once()
         self.sched.check_invariants()
+        assert len(self.outputs) == steps + 1, "nothing to step"
         return self.outputs[-1]
+
+    def pause(self, group: SequenceGroup) -> None:
+        """As the stream hub does when the group's reader stops reading (taken in at the next step)."""
+        self.engine.pause(group.request_id)
+        self._posted = True
+
+    def resume(self, group: SequenceGroup) -> None:
+        self.engine.resume(group.request_id)
+        self._posted = True
 
     def run(self, max_steps: int) -> None:
         steps = 0
-        while self.sched.has_work():
+        while self.sched.has_work() or self._posted:
             assert steps < max_steps, "the scheduler made no progress"
             self.step()
             steps += 1
@@ -536,6 +556,159 @@ def test_preemption_under_pressure_still_gives_every_sequence_exactly_its_tokens
     assert eng.blocks.num_used == 0
 
 
+# Paused groups (their client stopped reading: front/stream.py)
+
+
+def test_a_paused_group_leaves_the_steps_keeps_its_kv_and_resumes_without_recomputing():
+    eng = FakeEngine(num_blocks=32, block_size=2, max_num_seqs=4, max_num_batched_tokens=64)
+    reader, other = make_group(0, 3, 8), make_group(1, 3, 8)
+    eng.add(reader)
+    eng.add(other)
+    for _ in range(3):
+        eng.step()
+    seq = reader.seqs[0]
+    eng.pause(reader)
+    eng.step()
+    held, computed = list(seq.block_table), seq.num_computed
+    assert reader.status is Status.PAUSED and seq.status is Status.PAUSED
+    assert eng.sched.num_paused_seqs == 1 and eng.sched.rows_in_use == 1
+    for _ in range(3):
+        out = eng.step()
+        assert [c.seq for c in out.chunks] == [other.seqs[0]], "only the reading request computes"
+    assert seq.block_table == held and seq.num_computed == computed, "its KV stays while there is room"
+    eng.resume(reader)
+    eng.run(max_steps=30)
+    after = [c for c in eng.chunks_of(seq) if c[0] > 4]
+    assert after[0][1:3] == (computed, 1), "it goes on from where it stopped, one token at a time"
+    assert eng.outputs_of(reader) == [expected_output(reader)] and eng.outputs_of(other) == [expected_output(other)]
+    assert eng.blocks.num_used == 0
+
+
+def test_a_paused_group_takes_no_row():
+    eng = FakeEngine(num_blocks=32, block_size=2, max_num_seqs=1, max_num_batched_tokens=64)
+    stalled, waiting = make_group(0, 2, 6), make_group(1, 2, 3)
+    eng.add(stalled)
+    eng.add(waiting)
+    eng.step()
+    assert waiting.status is Status.WAITING, "one row: the second request waits"
+    eng.pause(stalled)
+    eng.run(max_steps=10)
+    assert eng.outputs_of(waiting) == [expected_output(waiting)], "it ran while the first was paused"
+    assert stalled.status is Status.PAUSED and not eng.sched.has_work()
+    eng.resume(stalled)
+    eng.run(max_steps=10)
+    assert eng.outputs_of(stalled) == [expected_output(stalled)]
+
+
+def test_a_paused_group_gives_its_kv_back_before_any_running_group_is_preempted():
+    # 6 blocks of 2 tokens: `stalled` holds 3 when it pauses; `busy` needs 5 in the end.
+    eng = FakeEngine(num_blocks=6, block_size=2, max_num_seqs=4, max_num_batched_tokens=64)
+    stalled, busy = make_group(0, 4, 3), make_group(1, 2, 8)
+    eng.add(stalled)
+    eng.step()
+    eng.step()
+    eng.pause(stalled)
+    eng.add(busy)
+    reclaimed_at = None
+    while busy.status is not Status.FINISHED:
+        out = eng.step()
+        assert not out.preempted, "a running group is never preempted while a paused one holds KV"
+        if out.reclaimed:
+            assert out.reclaimed == [stalled] and reclaimed_at is None
+            reclaimed_at = len(eng.outputs) - 1
+    assert reclaimed_at is not None and stalled.seqs[0].block_table == []
+    seq = stalled.seqs[0]
+    generated = seq.num_generated
+    eng.resume(stalled)
+    eng.run(max_steps=20)
+    resumed = [c for c in eng.chunks_of(seq) if c[0] > reclaimed_at]
+    assert resumed[0][1:3] == (0, seq.prompt_len + generated), "taken-back KV is recomputed on resume"
+    assert eng.outputs_of(stalled) == [expected_output(stalled)] and eng.outputs_of(busy) == [expected_output(busy)]
+    assert eng.blocks.num_used == 0
+
+
+def test_aborting_a_paused_group_frees_everything():
+    eng = FakeEngine(num_blocks=8, block_size=2, max_num_seqs=4, max_num_batched_tokens=64)
+    stalled = make_group(0, 3, 6, n=2)
+    eng.add(stalled)
+    eng.step()
+    eng.step()
+    eng.pause(stalled)
+    eng.engine.abort(stalled.request_id)
+    eng.engine.run_once()
+    assert stalled.status is Status.FINISHED and eng.final(stalled).final
+    assert eng.blocks.num_used == 0 and not eng.sched.paused
+    eng.sched.check_invariants()
+
+
+# Prefix caching (the FakeExecutor checks that every row reads KV holding its own tokens)
+
+
+def test_a_prompt_computed_before_is_taken_from_the_cache_but_its_last_token():
+    eng = FakeEngine(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, prefix_caching=True)
+    first = make_group(0, prompt_len=18, max_new_tokens=3)
+    eng.add(first)
+    eng.run(max_steps=10)
+    again = make_group(1, prompt_len=18, max_new_tokens=3)  # the same 18 prompt tokens
+    eng.add(again)
+    eng.run(max_steps=10)
+    [(_, start, n, samples)] = eng.chunks_of(eng.first_seq(again))[:1]
+    assert (start, n, samples) == (16, 2, True), "4 full blocks came from the cache; the rest is computed"
+    assert again.cached_tokens == 16 and first.cached_tokens == 0
+    assert eng.outputs_of(again) == [expected_output(again)]
+    assert eng.sched.prefix_hit_tokens == 16 and eng.sched.prefix_query_tokens == 17 + 17
+    assert eng.blocks.num_used == 0
+
+
+def test_a_whole_prompt_of_full_blocks_still_computes_its_last_token():
+    eng = FakeEngine(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, prefix_caching=True)
+    for i in range(2):
+        eng.add(make_group(i, prompt_len=8, max_new_tokens=2))
+        eng.run(max_steps=10)
+    second = eng.first_seq(eng.generations["req-1"].group)
+    assert eng.chunks_of(second)[0][1:3] == (4, 4), "block 2 holds the last prompt token: it is computed"
+
+
+def test_a_cached_prefix_costs_only_its_uncached_tokens_in_the_step_budget():
+    eng = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, prefix_caching=True)
+    eng.add(make_group(0, prompt_len=40, max_new_tokens=1))
+    eng.run(max_steps=10)
+    long_cached = make_group(1, prompt_len=42, max_new_tokens=1)
+    eng.add(long_cached)
+    out = eng.step()
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(40, 2)], "one step, not three chunks"
+
+
+def test_scoring_takes_no_cached_block_past_its_first_scored_position():
+    eng = FakeEngine(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, prefix_caching=True)
+    eng.add(make_group(0, prompt_len=20, max_new_tokens=1))
+    eng.run(max_steps=10)
+    params = SamplingParams(max_new_tokens=1)
+    request = GenerationRequest(request_id="score", prompt_ids=tuple(range(1, 21)), params=params, score_from=10)
+    group = SequenceGroup.from_request(7, request)
+    eng.add(group)
+    eng.run(max_steps=10)
+    assert group.cached_tokens == 8, "positions 0..7 from the cache; 8 on are computed (position 8 scores token 9)"
+    [(_, start, n, _)] = eng.chunks_of(group.seqs[0] if group.seqs else eng.log[-1][1])
+    assert (start, start + n) == (8, 20)
+
+
+def test_preempted_and_reclaimed_groups_take_their_own_blocks_back_from_the_cache():
+    eng = FakeEngine(num_blocks=8, block_size=2, max_num_seqs=4, max_num_batched_tokens=64, prefix_caching=True)
+    groups = [make_group(i, prompt_len=5, max_new_tokens=6) for i in range(3)]
+    for group in groups:
+        eng.add(group)
+    eng.step()
+    eng.pause(groups[0])
+    eng.run(max_steps=60)
+    eng.resume(groups[0])
+    eng.run(max_steps=60)
+    assert any(out.preempted or out.reclaimed for out in eng.outputs), "the store is small: something gave KV back"
+    assert eng.sched.prefix_hit_tokens > 0
+    assert all(eng.outputs_of(g) == [expected_output(g)] for g in groups)
+    assert eng.blocks.num_used == 0
+
+
 # Forks, beams and copy-on-write
 
 
@@ -628,6 +801,32 @@ def test_a_beam_group_alone_in_a_store_that_fits_it_finishes():
     eng.run(max_steps=10)
     assert not any(out.preempted for out in eng.outputs), "it fits: nothing needs to be preempted"
     assert eng.final(group).hypotheses and eng.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("num_blocks", [64, 14])  # 14: the two groups cannot both keep their beams
+def test_beam_progress_rebuilds_the_best_running_beam_after_every_step(num_blocks):
+    eng = FakeEngine(num_blocks=num_blocks, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, seed=3)
+    groups = [make_group(i, prompt_len=5, max_new_tokens=20, num_beams=3) for i in range(2)]
+    for group in groups:
+        eng.add(group)
+    bests = {g.request_id: BestSoFar() for g in groups}
+    sizes = {g.request_id: 0 for g in groups}
+    taken_back = 0
+    while eng.sched.has_work():
+        eng.step()
+        for request_id, best in bests.items():
+            for event in eng.events.pop(request_id, []):
+                if not event.provisional:
+                    continue
+                u = event.best_update
+                taken_back += u.keep_tokens < sizes[request_id]
+                got = best.update(u.keep_tokens, list(u.token_ids), u.keep_text_bytes, u.text_suffix)
+                expected = eng.generations[request_id].search.best_running()  # what was sent whole before
+                assert got.token_ids == list(expected)
+                assert got.text == FakeTokenizer().decode(expected)
+                sizes[request_id] = len(expected)
+    assert taken_back, "the best switched beams at least once, so some updates take tokens back"
+    assert any(out.preempted for out in eng.outputs) == (num_blocks == 14), "only the small store restarts a search"
 
 
 def test_beam_reselection_frees_what_no_child_keeps_and_keeps_what_children_share():
@@ -806,29 +1005,47 @@ def workloads(draw):
     num_blocks = draw(st.integers(min_blocks, min_blocks * 3))
     arrivals = [draw(st.integers(0, 10)) for _ in range(n)]
     policy = draw(st.sampled_from(POLICIES))
-    return block_size, max_num_seqs, budget, num_blocks, groups, arrivals, draw(st.integers(0, 2**16)), policy
+    caching = draw(st.booleans())  # make_group's prompts all start 1, 2, 3, ...: prefixes are shared
+    return block_size, max_num_seqs, budget, num_blocks, groups, arrivals, draw(st.integers(0, 2**16)), policy, caching
+
+
+def _pause_plan(seed: int, num_groups: int, horizon: int) -> dict[int, list[tuple[int, str]]]:
+    """Readers that stop and start again: at random steps, a group is paused or resumed."""
+    rng = random.Random(seed)
+    plan: dict[int, list[tuple[int, str]]] = {}
+    for _ in range(rng.randint(0, 4 * num_groups)):
+        plan.setdefault(rng.randrange(max(horizon, 1)), []).append((rng.randrange(num_groups), rng.choice(("pause", "resume"))))
+    return plan
 
 
 # Derandomized: the examples are the same on every run, so a failure here is reproducible.
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(workloads())
 def test_random_workloads_finish_every_sequence_with_exactly_its_tokens(workload):
-    block_size, max_num_seqs, budget, num_blocks, specs, arrivals, seed, policy = workload
+    block_size, max_num_seqs, budget, num_blocks, specs, arrivals, seed, policy, caching = workload
     eng = FakeEngine(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=budget, seed=seed, policy=policy)
+                     max_num_batched_tokens=budget, seed=seed, policy=policy, prefix_caching=caching)
     groups = [make_group(i, p, m, n=s, num_beams=b) for i, (p, m, s, b) in enumerate(specs)]
     for group in groups:
         params = group.request.params
         assert eng.sched.fits_ever(group.num_prompt_tokens + params.max_new_tokens, params.width)
-    # Every step computes at least one token of some group; preemption makes groups compute again.
-    bound = max(arrivals) + 4 * sum(max(s, b) * (p + m) for p, m, s, b in specs) + len(groups)
+    # Every step computes at least one token of some group; preemption makes groups compute again,
+    # and pauses (in the first half of the bound) hold groups out.
+    bound = 2 * (max(arrivals) + 4 * sum(max(s, b) * (p + m) for p, m, s, b in specs) + len(groups))
     step = 0
-    while step <= max(arrivals) or eng.sched.has_work():
+    pauses = _pause_plan(seed, len(groups), max(arrivals) + sum(m for _, m, _, _ in specs) + 2)
+    while step <= max(arrivals) or eng.sched.has_work() or eng.sched.paused:
         for group, arrival in zip(groups, arrivals):
             if arrival == step:
                 eng.add(group)
-        if eng.sched.has_work():
-            eng.step()
+        for i, action in pauses.get(step, ()):
+            if groups[i].status is not Status.FINISHED:
+                (eng.pause if action == "pause" else eng.resume)(groups[i])
+        if step >= bound // 2:  # readers that stalled read again
+            for group in list(eng.sched.paused):
+                eng.resume(group)
+        eng.engine.run_once()
+        eng.sched.check_invariants()
         step += 1
         assert step <= bound, "the scheduler stopped making progress"
     for group in groups:

@@ -5,9 +5,16 @@ owns a block table (a list of block ids). Blocks carry reference counts so that
 a sequence can fork (beams sharing their prompt's KV): a fork copies the table
 and bumps the counts, and a shared block is copied only when a sharer writes to
 it (copy-on-write of the last, partial block).
+
+With prefix caching on, full blocks are also named by their tokens (prefix_cache.py): a new
+sequence takes the cached blocks of its longest cached prefix instead of computing them, and a
+named block that nobody holds any more stays cached, counted as free, until a block is needed and
+no never-named one is left.
 """
 
 from __future__ import annotations
+
+from .prefix_cache import ROOT, PrefixCache
 
 
 class OutOfBlocks(RuntimeError):
@@ -15,7 +22,7 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
@@ -25,14 +32,27 @@ class BlockManager:
         # made resident, see kv_cache.py) instead of cycling through all of them.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks
+        self.cache = PrefixCache() if prefix_caching else None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that can take new KV: never-named ones and cached ones nobody holds."""
+        return len(self._free) + (self.cache.num_idle if self.cache is not None else 0)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks some sequence holds."""
+        return self.num_blocks - self.num_free
+
+    def _allocate(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        elif self.cache is not None and self.cache.num_idle:
+            block = self.cache.evict()
+        else:
+            raise OutOfBlocks("no free block")
+        self._refs[block] = 1
+        return block
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -44,20 +64,50 @@ class BlockManager:
     def grow(self, table: list[int], num_tokens: int) -> None:
         """Extend `table` in place so that it holds `num_tokens` tokens."""
         need = self.extra_blocks(table, num_tokens)
-        if need > len(self._free):
-            raise OutOfBlocks(f"need {need} blocks, {len(self._free)} free")
+        if need > self.num_free:
+            raise OutOfBlocks(f"need {need} blocks, {self.num_free} free")
         for _ in range(need):
-            block = self._free.pop()
-            self._refs[block] = 1
-            table.append(block)
+            table.append(self._allocate())
 
     def free(self, table: list[int]) -> None:
         """Drop one reference to every block of `table` and empty it."""
         for block in table:
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                self._free.append(block)
+                if self.cache is not None and self.cache.holds(block):
+                    self.cache.set_idle(block)
+                else:
+                    self._free.append(block)
         table.clear()
+
+    def cached_prefix(self, tokens: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+        """The cached blocks of the longest cached prefix of `tokens` that is at most `max_tokens`
+        long, now held by the caller, and their names' ids: ([], []) without prefix caching."""
+        blocks: list[int] = []
+        names: list[int] = []
+        if self.cache is None:
+            return blocks, names
+        bs, parent = self.block_size, ROOT
+        for i in range(max_tokens // bs):
+            found = self.cache.find(parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            if found is None:
+                break
+            block, parent = found
+            if self._refs[block] == 0:
+                self.cache.take(block)
+            self._refs[block] += 1
+            blocks.append(block)
+            names.append(parent)
+        return blocks, names
+
+    def name_blocks(self, table: list[int], names: list[int], tokens: list[int], num_computed: int) -> None:
+        """Name the full blocks of `table` whose KV is computed (the first `num_computed` tokens)
+        and that `names` does not name yet; `names` grows in place."""
+        if self.cache is None:
+            return
+        bs = self.block_size
+        for i in range(len(names), num_computed // bs):
+            names.append(self.cache.add(names[-1] if names else ROOT, tuple(tokens[i * bs:(i + 1) * bs]), table[i]))
 
     def fork(self, table: list[int]) -> list[int]:
         """A new table sharing every block of `table` (no KV is copied)."""
@@ -75,10 +125,9 @@ class BlockManager:
         block = table[index]
         if self._refs[block] == 1:
             return None
-        if not self._free:
+        if not self.num_free:
             raise OutOfBlocks("no free block for copy-on-write")
-        new = self._free.pop()
-        self._refs[new] = 1
+        new = self._allocate()
         self._refs[block] -= 1
         table[index] = new
         return block, new
@@ -98,5 +147,10 @@ class BlockManager:
         for block in range(self.num_blocks):
             if counts[block] != self._refs[block]:
                 raise AssertionError(f"block {block}: {counts[block]} holders, refcount {self._refs[block]}")
-            if (block in free) != (counts[block] == 0):
-                raise AssertionError(f"block {block}: free={block in free} but {counts[block]} holders")
+            idle = self.cache is not None and self.cache.is_idle(block)
+            if block in free and idle:
+                raise AssertionError(f"block {block} is both free and cached")
+            if (block in free or idle) != (counts[block] == 0):
+                raise AssertionError(f"block {block}: free={block in free}, idle={idle} but {counts[block]} holders")
+        if self.cache is not None:
+            self.cache.check_invariants(self._refs)

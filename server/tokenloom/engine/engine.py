@@ -5,8 +5,8 @@
     outputs = executor.execute(Batch(rows, ...))   # one forward + the sampler (the only torch)
     events = live[request].apply(its rows' outputs) ...
 
-The asyncio side talks to the engine only through `submit` and `abort`, which queue work for
-the next step, and the `publish` callback, which receives the events of a whole step at once
+The asyncio side talks to the engine only through `submit`, `abort`, `pause` and `resume`, which
+queue work for the next step, and the `publish` callback, which receives the events of a whole step at once
 (the server hands them to the event loop). This module imports no torch: the executor comes in
 from outside, and a fabricated one drives it in the tests.
 """
@@ -63,7 +63,8 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.on_exit = on_exit  # called from the engine thread when it ends: None, or what killed it
         self._start = start
-        self._preemptions_seen = 0
+        self._preemptions_seen = 0  # the scheduler's counters at the last report
+        self._prefix_seen = (0, 0)
         self._unscheduled: set[str] = set()  # admitted requests not yet in a step: their queue wait is open
         self._live: dict[str, Generation] = {}
         self._inbox: deque[tuple[str, object]] = deque()
@@ -93,6 +94,13 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
+
+    def pause(self, request_id: str) -> None:
+        """Its client stopped reading: its rows leave the steps (keeping their KV while there is room)."""
+        self._post("pause", request_id)
+
+    def resume(self, request_id: str) -> None:
+        self._post("resume", request_id)
 
     def start(self, thread: EngineThread | None = None) -> None:
         """Run the step loop on `thread` (the one that loaded the model: see engine_thread.py), or on
@@ -140,6 +148,10 @@ class Engine:
 
     def _run(self) -> None:
         death: BaseException | None = None
+        # Count from here: a warm-up engine may have stepped the shared scheduler before.
+        scheduler = self.scheduler
+        self._preemptions_seen = scheduler.num_preemptions
+        self._prefix_seen = (scheduler.prefix_query_tokens, scheduler.prefix_hit_tokens)
         try:
             self._loop()
         except BaseException as exc:  # a bug outside any one step: the engine cannot go on
@@ -206,8 +218,14 @@ class Engine:
                     log.exception("admitting request %s failed", item.request_id)
                     events.append(_final(item, FinishReason.ERROR, _describe(exc)))
                 self._admitting = None
-            elif item in self._live:
+            elif item not in self._live:
+                continue  # it ended before this reached the engine
+            elif kind == "abort":
                 events.append(self._end(item, FinishReason.CANCELLED))
+            elif kind == "pause":
+                self.scheduler.pause(self._live[item].group)
+            else:
+                self.scheduler.resume(self._live[item].group)
         if events:
             self.publish(events)
 
@@ -239,7 +257,7 @@ class Engine:
         (INTERNAL to its client); the engine goes on either way."""
         started = time.monotonic()
         plan = self.scheduler.schedule()
-        for group in plan.preempted:
+        for group in plan.preempted + plan.reclaimed:
             self._live[group.request_id].restart()
         self._record_queue_waits(plan, started)
         rows, events = self._rows(plan)
@@ -310,12 +328,16 @@ class Engine:
         self.metrics.gauges(
             waiting=len(scheduler.waiting),
             running_seqs=sum(len(g.seqs) for g in scheduler.running),
+            paused_seqs=scheduler.num_paused_seqs,
             kv_used_blocks=blocks.num_used,
             kv_total_blocks=blocks.num_blocks,
             kv_bytes_used=blocks.num_used * self.executor.kv_bytes_per_block,
         )
         self.metrics.preempted(scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = scheduler.num_preemptions
+        queried, hits = scheduler.prefix_query_tokens, scheduler.prefix_hit_tokens
+        self.metrics.prefix_cache(queried - self._prefix_seen[0], hits - self._prefix_seen[1])
+        self._prefix_seen = (queried, hits)
 
 
 def _describe(exc: BaseException) -> str:

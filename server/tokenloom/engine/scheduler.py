@@ -14,6 +14,11 @@ starts at the next step, and the decoders wait for one step of at most one chunk
    limit and free blocks allow. A prompt longer than the budget left is
    prefilled in chunks over several steps (chunked prefill), so a long prompt
    never stalls the decoding rows for more than one chunk.
+
+A paused group (its client stopped reading: front/stream.py) is in no step and takes no row,
+but keeps its KV while the store has room: resuming costs nothing. When a step needs blocks
+that are not free, paused groups give theirs back first, oldest pause first, before any running
+group is preempted; such a group recomputes its tokens once it resumes.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
+    # Paused groups whose KV this step took back: they recompute their tokens when they resume.
+    reclaimed: list[SequenceGroup] = field(default_factory=list)
     # (src, dst) KV blocks to copy before the forward: copy-on-write of shared blocks.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
 
@@ -77,7 +84,12 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []  # in admission order, oldest first
+        self.paused: list[SequenceGroup] = []  # in the order they paused
+        self._out = SchedulerOutput()  # the step being planned
         self.num_preemptions = 0
+        # Prefix cache lookups of admitted sequences, in tokens: asked (their reusable prefixes) and found.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
         self._decodes_waited = False  # the last step was prompts only: this one runs the decode rows
 
     def add(self, group: SequenceGroup) -> None:
@@ -95,8 +107,32 @@ class Scheduler:
     def rows_in_use(self) -> int:
         return sum(g.width for g in self.running)
 
+    def pause(self, group: SequenceGroup) -> None:
+        """Take `group` out of the steps (it keeps its KV); a no-op unless it is waiting or running."""
+        if group.status is Status.RUNNING:
+            self.running.remove(group)
+        elif group.status is Status.WAITING:
+            self.waiting.remove(group)
+        else:
+            return
+        self._set_status(group, Status.PAUSED)
+        self.paused.append(group)
+
+    def resume(self, group: SequenceGroup) -> None:
+        """A paused group queues again, ahead of groups that never ran."""
+        if group.status is not Status.PAUSED:
+            return
+        self.paused.remove(group)
+        self._set_status(group, Status.WAITING)
+        self.waiting.appendleft(group)
+
+    @property
+    def num_paused_seqs(self) -> int:
+        return sum(len(g.seqs) for g in self.paused)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._out = out  # where a paused group whose KV is taken back is reported
         budget = self.config.max_num_batched_tokens
         decodes_turn = False
         if self.config.policy == "prefill-first" and self._prefill_pending():
@@ -140,6 +176,7 @@ class Scheduler:
             rows = [s for s in group.seqs if s.num_pending == 1]
             if not rows or len(rows) > budget:
                 continue
+            self._reclaim(self._blocks_needed(rows, 1))
             while self._blocks_needed(rows, 1) > self.blocks.num_free:
                 victim = pending.pop() if pending else group
                 self._preempt(victim, out)
@@ -157,7 +194,7 @@ class Scheduler:
             for seq in group.seqs:
                 if seq.num_pending > 1 and budget > 0:
                     n = min(seq.num_pending, budget)
-                    if self._blocks_needed([seq], n) <= self.blocks.num_free:
+                    if self._reclaim(self._blocks_needed([seq], n)):
                         self._take(seq, n, out)
                         budget -= n
         return budget
@@ -167,11 +204,15 @@ class Scheduler:
         while self.waiting and budget > 0 and rows + self.waiting[0].width <= self.config.max_num_seqs:
             group = self.waiting[0]
             first = group.seqs[0]
+            looked = self._take_cached(group)
             n = min(first.num_pending, budget)
             # Keep one block per running row in reserve so that admitting a prompt
             # does not force an immediate preemption of a decoding row.
-            if self._blocks_needed([first], n) > self.blocks.num_free - rows:
+            if not self._reclaim(self._blocks_needed([first], n) + rows):
+                for seq, _ in looked:
+                    self._free_seq_kv(seq)
                 break
+            self._count_cached(group, looked)
             self.waiting.popleft()
             group.status = Status.RUNNING
             for seq in group.seqs:
@@ -180,7 +221,7 @@ class Scheduler:
             rows += group.width
             for seq in group.seqs:
                 n = min(seq.num_pending, budget)
-                if n and self._blocks_needed([seq], n) <= self.blocks.num_free:
+                if n and self._reclaim(self._blocks_needed([seq], n)):
                     self._take(seq, n, out)
                     budget -= n
 
@@ -197,6 +238,16 @@ class Scheduler:
         # Every writer but the last holder gets a copy; the last one keeps the block.
         return need + sum(min(w, self.blocks.refcount(b) - 1) for b, w in writers.items())
 
+    def _reclaim(self, need: int) -> bool:
+        """Free paused groups' KV, oldest pause first, until `need` blocks are free; whether they are."""
+        for group in self.paused:
+            if self.blocks.num_free >= need:
+                break
+            if any(seq.block_table for seq in group.seqs):
+                self._free_kv(group)
+                self._out.reclaimed.append(group)
+        return self.blocks.num_free >= need
+
     def _writes_shared_block(self, seq: Sequence) -> bool:
         index = seq.num_computed // self.blocks.block_size
         return index < len(seq.block_table) and self.blocks.refcount(seq.block_table[index]) > 1
@@ -209,22 +260,57 @@ class Scheduler:
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         """Free a running group's KV; its sequences recompute their tokens later."""
-        for seq in group.seqs:
-            self.blocks.free(seq.block_table)
-            seq.num_computed = 0
-            seq.status = Status.WAITING
-        group.status = Status.WAITING
+        self._free_kv(group)
+        self._set_status(group, Status.WAITING)
         self.running.remove(group)
         self.waiting.appendleft(group)
         out.preempted.append(group)
         self.num_preemptions += 1
+
+    def _free_kv(self, group: SequenceGroup) -> None:
+        for seq in group.seqs:
+            self._free_seq_kv(seq)
+
+    def _free_seq_kv(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_names.clear()
+        seq.num_computed = 0
+
+    def _take_cached(self, group: SequenceGroup) -> list[tuple[Sequence, int]]:
+        """Give each sequence of `group` that has no KV the cached blocks of its longest cached
+        prefix; (sequence, tokens it could have reused) for each one looked up."""
+        looked: list[tuple[Sequence, int]] = []
+        if self.blocks.cache is None:
+            return looked
+        for seq in group.seqs:
+            if seq.num_computed or seq.block_table:
+                continue
+            seq.block_table, seq.block_names = self.blocks.cached_prefix(seq.token_ids, seq.reusable_prefix_len)
+            seq.num_computed = len(seq.block_table) * self.blocks.block_size
+            looked.append((seq, seq.reusable_prefix_len))
+        return looked
+
+    def _count_cached(self, group: SequenceGroup, looked: list[tuple[Sequence, int]]) -> None:
+        for seq, query in looked:
+            self.prefix_query_tokens += query
+            self.prefix_hit_tokens += seq.num_computed
+        if group.cached_tokens is None:  # the first admission: the prompt's own
+            group.cached_tokens = looked[0][0].num_computed if looked else 0
+
+    @staticmethod
+    def _set_status(group: SequenceGroup, status: Status) -> None:
+        group.status = status
+        for seq in group.seqs:
+            seq.status = status
 
     # -- after the step ----------------------------------------------------------------
 
     def step_done(self, out: SchedulerOutput) -> None:
         """The chunks of `out` now have their KV in the store."""
         for chunk in out.chunks:
-            chunk.seq.num_computed += chunk.num_tokens
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            self.blocks.name_blocks(seq.block_table, seq.block_names, seq.token_ids, seq.num_computed)
 
     def branch(self, parent: Sequence, token_ids: list[int], seq_id: int) -> Sequence:
         """A sequence that shares `parent`'s computed KV and continues with `token_ids` (not yet a
@@ -258,17 +344,20 @@ class Scheduler:
             self.running.remove(group)
         elif group.status is Status.WAITING:
             self.waiting.remove(group)
+        elif group.status is Status.PAUSED:
+            self.paused.remove(group)
         for seq in group.seqs:
             self.blocks.free(seq.block_table)
             seq.status = Status.FINISHED
         group.status = Status.FINISHED
 
     def check_invariants(self) -> None:
-        groups = list(self.waiting) + self.running
+        groups = list(self.waiting) + self.running + self.paused
         if len({id(g) for g in groups}) != len(groups):
             raise AssertionError("a group is queued twice")
         for group in groups:
-            expected = Status.WAITING if group in self.waiting else Status.RUNNING
+            expected = (Status.WAITING if group in self.waiting else
+                        Status.RUNNING if group in self.running else Status.PAUSED)
             if group.status is not expected:
                 raise AssertionError(f"group {group.request_id} has status {group.status}, expected {expected}")
             for seq in group.seqs:

@@ -20,6 +20,7 @@ from ..request import GenerationRequest
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # its client stopped reading: out of the steps until it reads again
     FINISHED = "finished"
 
 
@@ -31,6 +32,8 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Ids of the prefix-cache names of the table's first full computed blocks (block_manager.py).
+    block_names: list[int] = field(default_factory=list)
 
     @classmethod
     def from_request(cls, seq_id: int, request: GenerationRequest) -> "Sequence":
@@ -53,13 +56,23 @@ class Sequence:
         return self.token_ids[self.prompt_len :]
 
     @property
+    def reusable_prefix_len(self) -> int:
+        """Leading tokens whose KV may come from the prefix cache: all but the last, whose logits
+        are needed, and for scoring none from the first position whose log-prob is asked for."""
+        n = len(self.token_ids) - 1
+        if self.request.score_from is not None:
+            n = min(n, self.request.score_from - 1)
+        return max(n, 0)
+
+    @property
     def num_pending(self) -> int:
         """Tokens whose KV is not computed yet (1 for a decoding sequence)."""
         return len(self.token_ids) - self.num_computed
 
     def child(self, seq_id: int, token_ids: list[int], block_table: list[int]) -> "Sequence":
         """A sequence continuing this one's computed KV (shared blocks) with its own tokens."""
-        return Sequence(seq_id, self.request, token_ids, self.status, self.num_computed, block_table)
+        return Sequence(seq_id, self.request, token_ids, self.status, self.num_computed, block_table,
+                        list(self.block_names))
 
 
 @dataclass(eq=False)
@@ -67,6 +80,7 @@ class SequenceGroup:
     request: GenerationRequest
     seqs: list[Sequence]
     status: Status = Status.WAITING
+    cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache, at first admission
 
     @classmethod
     def from_request(cls, seq_id: int, request: GenerationRequest) -> "SequenceGroup":

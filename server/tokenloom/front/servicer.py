@@ -13,14 +13,16 @@ import grpc
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
 
-from .admission import Admission, AdmissionConfig, Closed, Rejected, Ticket, client_identity
+from .admission import Admission, AdmissionConfig, Closed, Rejected, Ticket
+from .identity import Identify
+from .queue_wait import QueueWaitExpired, first_by
 from .preprocessor import Preprocessor, UserInput
 from ..request import (
-    EngineUnavailable, FinishReason, GenerationOutput, GenerationRequest, Hypothesis, RequestTooLarge, TokenEvent,
-    TopToken,
+    BestUpdate, EngineUnavailable, FinishReason, GenerationOutput, GenerationRequest, Hypothesis, RequestTooLarge,
+    TokenEvent, TopToken,
 )
 from .request_log import RequestRecord
-from .stream import StreamHub
+from .stream import Stream, StreamHub
 from .validation import InvalidArgument, RawParams
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 # Trailing metadata of a RESOURCE_EXHAUSTED answer: seconds after which a retry may pass.
 RETRY_AFTER_KEY = "retry-after-seconds"
+# UNAVAILABLE for the requests still open when the drain's grace (--grace-seconds) ends.
+SHUTDOWN_MESSAGE = "the server is shutting down and its grace for open requests is over; retry on another replica"
 
 # ModelInfo's pb.Limits: these three describe the server, not a request ceiling; every other field is
 # validation.Limits' field of the same name (a unit test holds the two messages' names together).
@@ -63,11 +67,14 @@ class ServedModel:
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, preprocessor: Preprocessor, hub: StreamHub, served: ServedModel,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None, identify: Identify | None = None):
         self.preprocessor = preprocessor
         self.hub = hub
         self.served = served
-        self.admission = admission or Admission(AdmissionConfig())
+        self.admission = admission or Admission(
+            AdmissionConfig().resolved(served.max_num_seqs, served.kv_cache_tokens))
+        # Who a call is from (the client admission counts it under); server.py passes the tokens file's.
+        self.identify = identify or Identify(self.admission.config.trusted_metadata_key)
         self.metrics = hub.metrics  # one Metrics per server; the hub and the engine share it
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -91,7 +98,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             logprobs=out.logprobs,
             text=out.text,
             finish_reason=_FINISH[out.finish_reason],
-            usage=pb.Usage(prompt_tokens=out.prompt_tokens, generated_tokens=out.generated_tokens),
+            usage=pb.Usage(prompt_tokens=out.prompt_tokens, generated_tokens=out.generated_tokens,
+                           cached_tokens=out.cached_tokens),
             top_tokens=[_top_tokens(t) for t in out.top_tokens],
             hypotheses=[_hypothesis(h) for h in out.hypotheses],
         )
@@ -115,6 +123,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             continuation_ids=out.token_ids,
             logprobs=out.logprobs,
             total_logprob=sum(out.logprobs),
+            usage=pb.Usage(prompt_tokens=len(req.prompt_ids), cached_tokens=out.cached_tokens),
         )
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext):
@@ -155,51 +164,75 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             return await self.admission.admit(ending.client, len(req.prompt_ids))
         except Rejected as exc:
-            ending.limit = exc.limit
-            self.metrics.rejected(exc.limit)
-            retry = () if exc.retry_after_seconds is None else ((RETRY_AFTER_KEY, f"{exc.retry_after_seconds:.3f}"),)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, trailing_metadata=retry)
+            await self._reject(exc, ending, context)
         except Closed as exc:
+            ending.limit = "draining"
             self.metrics.rejected("draining")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
+    async def _reject(self, exc: Rejected, ending: RequestRecord, context) -> None:
+        ending.limit = exc.limit
+        self.metrics.rejected(exc.limit)
+        retry = () if exc.retry_after_seconds is None else ((RETRY_AFTER_KEY, f"{exc.retry_after_seconds:.3f}"),)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, trailing_metadata=retry)
+
     def _client(self, context) -> str:
         metadata = context.invocation_metadata() or ()
-        return client_identity(metadata, context.peer(), self.admission.config.client_id_metadata_key)
+        return self.identify(metadata, context.peer())
 
     async def _events(self, req: GenerationRequest, context, ending: RequestRecord,
                       ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """The engine's events for `req`; failures become gRPC status codes."""
+        task = asyncio.current_task()
+
+        def stalled(message: str) -> None:  # the hub cut the stream: its reader stopped reading
+            ending.stalled = True
+            code = grpc.StatusCode.UNAVAILABLE if self.admission.cutting else grpc.StatusCode.CANCELLED
+            asyncio.ensure_future(_cut(context, task, code, message))
+
+        stream = Stream(stalled)
+        ending.stream = stream
         try:
-            async for event in self.hub.run(req):
+            async for event in first_by(self.hub.run(req, stream), ticket.queue_deadline):
                 ticket.started()
                 ending.on_event(event)
                 if event.finish_reason is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
                 if event.finish_reason is FinishReason.CANCELLED:
                     # The engine cancels on its own only when it stops (shutdown or failure).
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self._stopped("the engine stopped; retry later"))
                 yield event
+        except QueueWaitExpired:
+            await self._reject(self.admission.expired(ticket), ending, context)
         except EngineUnavailable as exc:
             self.metrics.rejected("engine_unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._stopped(str(exc)))
         except RequestTooLarge as exc:
             self.metrics.rejected("too_large")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
+    def _stopped(self, message: str) -> str:
+        """What a request the engine dropped is told: the shutdown's words once the drain's grace is over."""
+        return SHUTDOWN_MESSAGE if self.admission.cutting else message
+
     @contextlib.contextmanager
     def _counted(self, method: str, context, request_id: str) -> Iterator[RequestRecord]:
         """Count and log one call of a generating RPC under how it ended: its finish reason,
-        "cancelled" when the client left, or the name of the gRPC status code it failed with."""
+        "cancelled" when the client left, "shutdown" when the drain's grace ended it, or the name
+        of the gRPC status code it failed with."""
         ending = RequestRecord(method, self._client(context), request_id=request_id)  # the client's, if any
         try:
             yield ending
         except (asyncio.CancelledError, GeneratorExit):
-            ending.outcome = "cancelled"
+            ending.outcome = "stream_idle_timeout" if ending.stalled else "cancelled"
+            if self.admission.cutting:  # past the grace, the server's own stop cancels what is left
+                ending.outcome = "shutdown"
             raise
         except grpc.aio.AbortError:
             code = context.code()
             ending.outcome = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            if code is grpc.StatusCode.UNAVAILABLE and self.admission.cutting and not ending.limit:
+                ending.outcome = "shutdown"  # admitted, then ended past the grace (not refused at the door)
             raise
         except Exception:
             ending.outcome = "UNKNOWN"  # what gRPC answers for an exception it did not expect
@@ -207,6 +240,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             self.metrics.request_finished(ending.outcome)
             ending.emit()
+
+
+async def _cut(context, task: asyncio.Task, code: grpc.StatusCode, message: str) -> None:
+    """End a call whose client stopped reading: the status goes out first (a client that reads
+    again gets the messages it was sent, then this), then the handler is cancelled, since it
+    waits on a write that the client's flow control will not let through."""
+    abort = asyncio.ensure_future(context.abort(code, message))
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await abort
 
 
 _EARLY_STOPPING = {
@@ -245,6 +289,11 @@ def _hypothesis(h: Hypothesis) -> pb.Hypothesis:
     return pb.Hypothesis(token_ids=h.token_ids, text=h.text, score=h.score, finish_reason=_FINISH[h.finish_reason])
 
 
+def _best_update(u: BestUpdate) -> pb.BestUpdate:
+    return pb.BestUpdate(keep_tokens=u.keep_tokens, token_ids=u.token_ids, keep_text_bytes=u.keep_text_bytes,
+                         text_suffix=u.text_suffix)
+
+
 def _to_response(event: TokenEvent, request_id: str) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         request_id=request_id,
@@ -258,9 +307,12 @@ def _to_response(event: TokenEvent, request_id: str) -> pb.GenerateResponse:
         provisional=event.provisional,
         hypotheses=[_hypothesis(h) for h in event.hypotheses],
     )
+    if event.best_update is not None:
+        response.best_update.CopyFrom(_best_update(event.best_update))
     if event.final:
         response.usage.prompt_tokens = event.prompt_tokens
         response.usage.generated_tokens = event.generated_tokens
+        response.usage.cached_tokens = event.cached_tokens
     return response
 
 

@@ -103,4 +103,5 @@ class Generation(ABC):
 
     def final_event(self, reason: FinishReason | None, **fields) -> TokenEvent:
         fields.setdefault("prompt_tokens", self.group.num_prompt_tokens)
+        fields.setdefault("cached_tokens", self.group.cached_tokens or 0)
         return TokenEvent(self.request_id, finish_reason=reason, final=True, **fields)

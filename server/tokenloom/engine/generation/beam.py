@@ -1,14 +1,15 @@
 """Beam search requests: every step all beams run, `BeamSearch` picks the next beams from their
 candidates, and each new beam forks its parent's KV (the prompt is stored once).
 
-While it runs, each step streams the best running hypothesis (provisional); the last event
-carries the `num_return_sequences` best finished ones. A preempted beam request starts over
-from its prompt: beams recompute nothing of the old search.
+While it runs, each step streams how the best running hypothesis changed since the previous
+step (provisional, a `BestUpdate`: resending it whole made a stream's bytes quadratic in its
+length); the last event carries the `num_return_sequences` best finished ones, whole. A
+preempted beam request starts over from its prompt: beams recompute nothing of the old search.
 """
 
 from __future__ import annotations
 
-from ...request import FinishReason, Hypothesis, TokenEvent
+from ...request import BestUpdate, FinishReason, Hypothesis, TokenEvent
 from ..batch import Row, RowOutput
 from ..beam_search import BeamParams, BeamSearch
 from ..scheduler import ScheduledChunk, Scheduler
@@ -20,6 +21,8 @@ class BeamGeneration(Generation):
     def __init__(self, group, context):
         super().__init__(group, context)
         self.search = self._new_search()
+        # The best as the client holds it. Kept across a restart: the next update edits what was shown.
+        self.shown: tuple[tuple[int, ...], str] = ((), "")
 
     def _new_search(self) -> BeamSearch:
         p, prompt_len = self.params, self.group.num_prompt_tokens
@@ -31,7 +34,9 @@ class BeamGeneration(Generation):
 
     def restart(self) -> None:
         root = self.group.seqs[0]
-        self.group.seqs = [Sequence.from_request(root.seq_id, self.request)]
+        fresh = Sequence.from_request(root.seq_id, self.request)
+        fresh.status = self.group.status  # waiting (preempted) or paused (its KV taken back)
+        self.group.seqs = [fresh]
         self.search = self._new_search()
 
     def row(self, chunk: ScheduledChunk) -> Row:
@@ -55,9 +60,14 @@ class BeamGeneration(Generation):
         ])
         if step.done:
             return [self._final(scheduler)]
+        return [TokenEvent(self.request_id, provisional=True, best_update=self._best_update())]
+
+    def _best_update(self) -> BestUpdate:
         best = self.search.best_running()
-        provisional = Hypothesis(best, self.context.text.decode(best), 0.0, None)
-        return [TokenEvent(self.request_id, provisional=True, hypotheses=(provisional,))]
+        text = self.context.text.decode(best)
+        update = BestUpdate.between(*self.shown, best, text)
+        self.shown = (best, text)
+        return update
 
     def _final(self, scheduler: Scheduler) -> TokenEvent:
         decode = self.context.text.decode
