@@ -144,13 +144,12 @@ def _hypotheses(hypotheses: Iterable[pb.Hypothesis]) -> list[Hypothesis]:
                        finish_reason=finish_reason(h.finish_reason)) for h in hypotheses]
 
 
-def to_chunk(response: pb.GenerateResponse, best: BestSoFar | None = None) -> StreamChunk:
+def to_chunk(response: pb.GenerateResponse, best: BestSoFar) -> StreamChunk:
     """`best` carries a beam stream's progress from one message to the next (pass the same one for
     every message of a stream); a provisional chunk then lists the whole best so far in `hypotheses`."""
     hypotheses = _hypotheses(response.hypotheses)
     if response.HasField("best_update"):
         u = response.best_update
-        best = best if best is not None else BestSoFar()
         hypotheses = [best.update(u.keep_tokens, list(u.token_ids), u.keep_text_bytes, u.text_suffix)]
     return StreamChunk(
         request_id=response.request_id,

@@ -118,11 +118,18 @@ class BestUpdate:
 
 
 def _common_prefix_len(a, b) -> int:
+    """By slice comparisons (C loops), not a Python loop: it runs for every beam request every step."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if a[:n] == b[:n]:
+        return n  # the usual step: the best grew by one token
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass(frozen=True)

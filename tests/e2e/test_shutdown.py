@@ -13,6 +13,7 @@ import time
 
 import grpc
 
+from metrics_scrape import Scrape
 from server_process import ServerProcess
 from stream_outcome import collect
 from tokenloom_client import AsyncClient
@@ -43,6 +44,9 @@ def test_streams_cut_at_the_end_of_the_grace_are_told_and_counted_as_shutdown_an
             started = asyncio.Event()
             streams = [asyncio.create_task(collect(c, r, started)) for r in STREAMS]
             await started.wait()
+            # Every stream reached the engine (none arrives after the SIGTERM, to be refused as draining).
+            while Scrape(server.metrics_url).get("open_streams") < len(STREAMS):
+                await asyncio.sleep(0.02)
             server.proc.send_signal(signal.SIGTERM)
             sent = time.monotonic()
             threading.Thread(target=wait_exit, daemon=True).start()

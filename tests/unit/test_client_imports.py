@@ -147,7 +147,7 @@ def test_stream_chunk_carries_index_top_tokens_and_hypotheses():
     chunk = convert.to_chunk(pb.GenerateResponse(
         request_id="r", token_ids=[4], logprobs=[-0.1], text=" a", index=2,
         top_tokens=[_top((4, " a", math.log(0.75)), (9, " b", math.log(0.2)))], provisional=True,
-        hypotheses=[pb.Hypothesis(token_ids=[4], text=" a", score=-0.1)]))
+        hypotheses=[pb.Hypothesis(token_ids=[4], text=" a", score=-0.1)]), BestSoFar())
     assert chunk.index == 2 and chunk.provisional
     assert [[(t.token_id, t.text) for t in step] for step in chunk.top_tokens] == [[(4, " a"), (9, " b")]]
     assert [t.prob for t in chunk.top_tokens[0]] == pytest.approx([0.75, 0.2])

@@ -11,23 +11,22 @@ from tokenloom.engine.block_manager import BlockManager, OutOfBlocks
 BS = 4
 
 
-def computed(bm: BlockManager, tokens: list[int]) -> tuple[list[int], list[int]]:
-    """A sequence of `tokens` whose KV is all computed (and its full blocks named), as step_done leaves it."""
+def computed(bm: BlockManager, tokens: list[int]) -> tuple[list[int], tuple[int, int]]:
+    """A sequence of `tokens` whose KV is all computed (and its full blocks named), as step_done
+    leaves it: its table, and (named blocks, last name)."""
     table: list[int] = []
-    names: list[int] = []
     bm.grow(table, len(tokens))
-    bm.name_blocks(table, names, tokens, len(tokens))
-    return table, names
+    return table, bm.name_blocks(table, tokens, 0, 0, len(tokens))
 
 
 def test_a_later_sequence_finds_the_full_blocks_of_its_prefix_and_nothing_past_a_difference():
     bm = BlockManager(num_blocks=16, block_size=BS, prefix_caching=True)
     first = list(range(10))  # blocks [0..3] [4..7] and a partial one
-    table, names = computed(bm, first)
-    assert len(names) == 2, "only full blocks are named"
+    table, (named, tail) = computed(bm, first)
+    assert named == 2, "only full blocks are named"
     same_start = first[:8] + [99, 98, 97, 96]
     blocks, found = bm.cached_prefix(same_start, len(same_start) - 1)
-    assert blocks == table[:2] and found == names
+    assert blocks == table[:2] and found == tail
     assert [bm.refcount(b) for b in blocks] == [2, 2]
     bm.free(blocks)
     differs_in_block_1 = first[:4] + [50] + first[5:]
@@ -35,7 +34,7 @@ def test_a_later_sequence_finds_the_full_blocks_of_its_prefix_and_nothing_past_a
     assert blocks == table[:1], "a block is found only with everything before it equal"
     bm.free(blocks)
     same_second_block_other_first = [7] + first[1:]
-    assert bm.cached_prefix(same_second_block_other_first, 9) == ([], [])
+    assert bm.cached_prefix(same_second_block_other_first, 9) == ([], 0)
     bm.check_invariants([table])
 
 
@@ -46,7 +45,7 @@ def test_the_lookup_stops_at_max_tokens():
     blocks, _ = bm.cached_prefix(tokens, 11)  # the last token is always computed: 2 full blocks at most
     assert blocks == table[:2]
     bm.free(blocks)
-    assert bm.cached_prefix(tokens, 3) == ([], [])
+    assert bm.cached_prefix(tokens, 3) == ([], 0)
     bm.check_invariants([table])
 
 
@@ -74,7 +73,7 @@ def test_never_cached_blocks_go_first_then_the_least_recently_idle_cached_block(
     assert len(bm.cache) == 2, "no cached block was evicted while free ones were left"
     bm.grow(fresh, 3 * BS)
     assert fresh[2] == a[0] if a else True
-    assert bm.cached_prefix([1] * BS + [0], BS) == ([], []), "the oldest idle block was evicted"
+    assert bm.cached_prefix([1] * BS + [0], BS) == ([], 0), "the oldest idle block was evicted"
     blocks, _ = bm.cached_prefix([2] * BS + [0], BS)
     assert len(blocks) == 1, "the newer one is still there"
     bm.check_invariants([fresh, blocks])
@@ -97,7 +96,7 @@ def test_a_second_block_with_a_cached_name_stays_unnamed_and_is_freed_as_usual()
     tokens = list(range(BS))
     first, first_names = computed(bm, tokens)
     second, second_names = computed(bm, tokens)  # computed beside it, before it was found
-    assert second_names == first_names and len(bm.cache) == 1
+    assert second_names == first_names and len(bm.cache) == 1, "the same prefix has the same name"
     bm.free(second)
     assert not bm.cache.holds(second[0] if second else -1)
     bm.check_invariants([first])
@@ -106,10 +105,10 @@ def test_a_second_block_with_a_cached_name_stays_unnamed_and_is_freed_as_usual()
 def test_without_prefix_caching_nothing_is_named_or_found():
     bm = BlockManager(num_blocks=8, block_size=BS)
     tokens = list(range(9))
-    table, names = computed(bm, tokens)
-    assert names == [] and bm.cache is None
+    table, named = computed(bm, tokens)
+    assert named == (0, 0) and bm.cache is None
     bm.free(table)
-    assert bm.cached_prefix(tokens, 8) == ([], [])
+    assert bm.cached_prefix(tokens, 8) == ([], 0)
     bm.check_invariants([])
 
 

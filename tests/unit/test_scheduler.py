@@ -120,8 +120,9 @@ class RecordingScheduler(Scheduler):
         # Victims are the newest running groups, newest first.
         if out.preempted:
             assert out.preempted == running_before[::-1][: len(out.preempted)]
-        for group in out.reclaimed:
-            assert group.status is Status.PAUSED and group in self.paused
+        for group in out.reclaimed:  # paused, or resumed and not admitted yet
+            assert (group.status, group in self.paused or group in self.waiting) in (
+                (Status.PAUSED, True), (Status.WAITING, True))
             assert all(seq.block_table == [] and seq.num_computed == 0 for seq in group.seqs)
             for seq in group.seqs:  # it starts again where the prefix cache leaves it (0 without one)
                 self._next_start.pop(seq.seq_id, None)
@@ -624,6 +625,48 @@ def test_a_paused_group_gives_its_kv_back_before_any_running_group_is_preempted(
     resumed = [c for c in eng.chunks_of(seq) if c[0] > reclaimed_at]
     assert resumed[0][1:3] == (0, seq.prompt_len + generated), "taken-back KV is recomputed on resume"
     assert eng.outputs_of(stalled) == [expected_output(stalled)] and eng.outputs_of(busy) == [expected_output(busy)]
+    assert eng.blocks.num_used == 0
+
+
+def test_a_resumed_group_waiting_with_its_kv_gives_it_back_to_a_running_one_that_needs_it():
+    # One row: `stalled` resumes while `busy` runs, so it waits holding 2 of the 5 blocks; `busy`
+    # needs them to go on. Taking them back (not preempting `busy` behind it) keeps the queue moving.
+    eng = FakeEngine(num_blocks=5, block_size=2, max_num_seqs=1, max_num_batched_tokens=64)
+    stalled, busy = make_group(0, 3, 6), make_group(1, 3, 8)
+    eng.add(stalled)
+    eng.step()
+    eng.step()
+    eng.pause(stalled)
+    eng.add(busy)
+    eng.step()
+    eng.resume(stalled)
+    eng.step()
+    assert stalled.status is Status.WAITING and stalled.seqs[0].block_table, "it waits, holding its KV"
+    eng.run(max_steps=60)
+    assert any(stalled in out.reclaimed for out in eng.outputs)
+    assert eng.outputs_of(stalled) == [expected_output(stalled)] and eng.outputs_of(busy) == [expected_output(busy)]
+    assert eng.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_request_whose_row_fails_mid_prefill_fails_alone(caching):
+    # decode-first: `fine` decodes in the steps that prefill `broken`'s prompt in chunks.
+    eng = FakeEngine(num_blocks=32, block_size=2, max_num_seqs=4, max_num_batched_tokens=8, prefix_caching=caching,
+                     policy="decode-first")
+    broken, fine = make_group(0, 30, 3), make_group(1, 5, 12)
+    eng.add(fine)
+    eng.add(broken)
+    eng.step()
+    eng.step()
+    assert 0 < broken.seqs[0].num_computed < 30 and fine.seqs[0].num_generated >= 1
+
+    def fails(chunk):
+        raise RuntimeError("row failed")
+
+    eng.generations[broken.request_id].row = fails
+    eng.run(max_steps=30)
+    assert eng.final(broken).error and broken.status is Status.FINISHED
+    assert eng.outputs_of(fine) == [expected_output(fine)]
     assert eng.blocks.num_used == 0
 
 

@@ -29,7 +29,10 @@ class BlockManager:
         self.block_size = block_size
         # A stack: the most recently freed block is reused first, so a lightly loaded server keeps
         # touching the same few blocks (still in the CPU caches; the rest of the store is never
-        # made resident, see kv_cache.py) instead of cycling through all of them.
+        # made resident, see kv_cache.py) instead of cycling through all of them. With prefix
+        # caching, named blocks go idle in the cache instead, and the stack is used up (untouched
+        # blocks included) before any cached block is evicted: the cache keeps as much as the
+        # store holds, at the price of the whole store becoming resident over time.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks
         self.cache = PrefixCache() if prefix_caching else None
@@ -80,14 +83,15 @@ class BlockManager:
                     self._free.append(block)
         table.clear()
 
-    def cached_prefix(self, tokens: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    def cached_prefix(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
         """The cached blocks of the longest cached prefix of `tokens` that is at most `max_tokens`
-        long, now held by the caller, and their names' ids: ([], []) without prefix caching."""
+        long, now held by the caller, and the id of the last one's name: ([], ROOT) without
+        prefix caching or a hit."""
         blocks: list[int] = []
-        names: list[int] = []
+        parent = ROOT
         if self.cache is None:
-            return blocks, names
-        bs, parent = self.block_size, ROOT
+            return blocks, parent
+        bs = self.block_size
         for i in range(max_tokens // bs):
             found = self.cache.find(parent, tuple(tokens[i * bs:(i + 1) * bs]))
             if found is None:
@@ -97,17 +101,19 @@ class BlockManager:
                 self.cache.take(block)
             self._refs[block] += 1
             blocks.append(block)
-            names.append(parent)
-        return blocks, names
+        return blocks, parent
 
-    def name_blocks(self, table: list[int], names: list[int], tokens: list[int], num_computed: int) -> None:
+    def name_blocks(self, table: list[int], tokens: list[int], named: int, tail: int,
+                    num_computed: int) -> tuple[int, int]:
         """Name the full blocks of `table` whose KV is computed (the first `num_computed` tokens)
-        and that `names` does not name yet; `names` grows in place."""
+        past the `named` first ones, whose last name is `tail`; the new (named, tail)."""
         if self.cache is None:
-            return
+            return named, tail
         bs = self.block_size
-        for i in range(len(names), num_computed // bs):
-            names.append(self.cache.add(names[-1] if names else ROOT, tuple(tokens[i * bs:(i + 1) * bs]), table[i]))
+        for i in range(named, num_computed // bs):
+            tail = self.cache.add(tail, tuple(tokens[i * bs:(i + 1) * bs]), table[i])
+            named = i + 1
+        return named, tail
 
     def fork(self, table: list[int]) -> list[int]:
         """A new table sharing every block of `table` (no KV is copied)."""
@@ -125,8 +131,6 @@ class BlockManager:
         block = table[index]
         if self._refs[block] == 1:
             return None
-        if not self.num_free:
-            raise OutOfBlocks("no free block for copy-on-write")
         new = self._allocate()
         self._refs[block] -= 1
         table[index] = new

@@ -129,7 +129,7 @@ class Engine:
         except AssertionError as exc:
             verdict = f"INVARIANT BROKEN ({exc})"
         blocks = self.scheduler.blocks
-        seqs = sum(len(g.seqs) for g in list(self.scheduler.waiting) + self.scheduler.running)
+        seqs = sum(len(g.seqs) for g in list(self.scheduler.waiting) + self.scheduler.running + self.scheduler.paused)
         return (f"engine stopped after {self.steps} steps: {verdict}, {seqs} sequences, "
                 f"{blocks.num_used} of {blocks.num_blocks} KV blocks in use")
 

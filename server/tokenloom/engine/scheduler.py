@@ -85,7 +85,6 @@ class Scheduler:
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []  # in admission order, oldest first
         self.paused: list[SequenceGroup] = []  # in the order they paused
-        self._out = SchedulerOutput()  # the step being planned
         self.num_preemptions = 0
         # Prefix cache lookups of admitted sequences, in tokens: asked (their reusable prefixes) and found.
         self.prefix_query_tokens = 0
@@ -119,7 +118,8 @@ class Scheduler:
         self.paused.append(group)
 
     def resume(self, group: SequenceGroup) -> None:
-        """A paused group queues again, ahead of groups that never ran."""
+        """A paused group queues again, ahead of groups that never ran. If it kept its KV, that KV
+        stays reclaimable while it waits (`_reclaim`), so a waiting group never blocks the queue."""
         if group.status is not Status.PAUSED:
             return
         self.paused.remove(group)
@@ -132,7 +132,6 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._out = out  # where a paused group whose KV is taken back is reported
         budget = self.config.max_num_batched_tokens
         decodes_turn = False
         if self.config.policy == "prefill-first" and self._prefill_pending():
@@ -176,12 +175,13 @@ class Scheduler:
             rows = [s for s in group.seqs if s.num_pending == 1]
             if not rows or len(rows) > budget:
                 continue
-            self._reclaim(self._blocks_needed(rows, 1))
-            while self._blocks_needed(rows, 1) > self.blocks.num_free:
+            need = self._blocks_needed(rows, 1)
+            while need > self.blocks.num_free and not self._reclaim(need, out):
                 victim = pending.pop() if pending else group
                 self._preempt(victim, out)
                 if victim is group:
                     break
+                need = self._blocks_needed(rows, 1)
             if group.status is not Status.RUNNING:
                 continue
             for seq in rows:
@@ -194,7 +194,7 @@ class Scheduler:
             for seq in group.seqs:
                 if seq.num_pending > 1 and budget > 0:
                     n = min(seq.num_pending, budget)
-                    if self._reclaim(self._blocks_needed([seq], n)):
+                    if self._reclaim(self._blocks_needed([seq], n), out):
                         self._take(seq, n, out)
                         budget -= n
         return budget
@@ -208,20 +208,18 @@ class Scheduler:
             n = min(first.num_pending, budget)
             # Keep one block per running row in reserve so that admitting a prompt
             # does not force an immediate preemption of a decoding row.
-            if not self._reclaim(self._blocks_needed([first], n) + rows):
-                for seq, _ in looked:
+            if not self._reclaim(self._blocks_needed([first], n) + rows, out, keep=group):
+                for seq in looked:
                     self._free_seq_kv(seq)
                 break
             self._count_cached(group, looked)
             self.waiting.popleft()
-            group.status = Status.RUNNING
-            for seq in group.seqs:
-                seq.status = Status.RUNNING
+            self._set_status(group, Status.RUNNING)
             self.running.append(group)
             rows += group.width
             for seq in group.seqs:
                 n = min(seq.num_pending, budget)
-                if n and self._reclaim(self._blocks_needed([seq], n)):
+                if n and self._reclaim(self._blocks_needed([seq], n), out):
                     self._take(seq, n, out)
                     budget -= n
 
@@ -238,15 +236,31 @@ class Scheduler:
         # Every writer but the last holder gets a copy; the last one keeps the block.
         return need + sum(min(w, self.blocks.refcount(b) - 1) for b, w in writers.items())
 
-    def _reclaim(self, need: int) -> bool:
-        """Free paused groups' KV, oldest pause first, until `need` blocks are free; whether they are."""
-        for group in self.paused:
+    def _reclaim(self, need: int, out: SchedulerOutput, keep: SequenceGroup | None = None) -> bool:
+        """Whether `need` blocks are free, after taking back, if that is enough, the KV of groups
+        that are in no step: paused ones (oldest pause first), then waiting ones that kept theirs
+        (resumed, not yet admitted), never `keep`'s. Each loses all its KV (`out.reclaimed`)."""
+        if self.blocks.num_free >= need:
+            return True
+        holders = [g for g in self.paused if g is not keep] + [g for g in self.waiting if g is not keep]
+        holders = [g for g in holders if any(seq.block_table for seq in g.seqs)]
+        if not holders or self.blocks.num_free + self._freed_with(holders) < need:
+            return False  # nothing to gain: keep everybody's KV
+        for group in holders:
+            self._free_kv(group)
+            out.reclaimed.append(group)
             if self.blocks.num_free >= need:
                 break
-            if any(seq.block_table for seq in group.seqs):
-                self._free_kv(group)
-                self._out.reclaimed.append(group)
-        return self.blocks.num_free >= need
+        return True
+
+    def _freed_with(self, groups: list[SequenceGroup]) -> int:
+        """Blocks that freeing all of `groups`' KV would free (held by nobody else)."""
+        held: dict[int, int] = {}
+        for group in groups:
+            for seq in group.seqs:
+                for block in seq.block_table:
+                    held[block] = held.get(block, 0) + 1
+        return sum(1 for block, n in held.items() if n == self.blocks.refcount(block))
 
     def _writes_shared_block(self, seq: Sequence) -> bool:
         index = seq.num_computed // self.blocks.block_size
@@ -273,29 +287,31 @@ class Scheduler:
 
     def _free_seq_kv(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
-        seq.block_names.clear()
-        seq.num_computed = 0
+        seq.named_blocks = seq.tail_name = seq.num_computed = 0
 
-    def _take_cached(self, group: SequenceGroup) -> list[tuple[Sequence, int]]:
+    def _take_cached(self, group: SequenceGroup) -> list[Sequence]:
         """Give each sequence of `group` that has no KV the cached blocks of its longest cached
-        prefix; (sequence, tokens it could have reused) for each one looked up."""
-        looked: list[tuple[Sequence, int]] = []
+        prefix; the sequences looked up."""
+        looked: list[Sequence] = []
         if self.blocks.cache is None:
             return looked
         for seq in group.seqs:
             if seq.num_computed or seq.block_table:
                 continue
-            seq.block_table, seq.block_names = self.blocks.cached_prefix(seq.token_ids, seq.reusable_prefix_len)
+            seq.block_table, seq.tail_name = self.blocks.cached_prefix(seq.token_ids, seq.reusable_prefix_len)
+            seq.named_blocks = len(seq.block_table)
             seq.num_computed = len(seq.block_table) * self.blocks.block_size
-            looked.append((seq, seq.reusable_prefix_len))
+            looked.append(seq)
         return looked
 
-    def _count_cached(self, group: SequenceGroup, looked: list[tuple[Sequence, int]]) -> None:
-        for seq, query in looked:
-            self.prefix_query_tokens += query
-            self.prefix_hit_tokens += seq.num_computed
-        if group.cached_tokens is None:  # the first admission: the prompt's own
-            group.cached_tokens = looked[0][0].num_computed if looked else 0
+    def _count_cached(self, group: SequenceGroup, looked: list[Sequence]) -> None:
+        """At a request's first admission: its prompt's lookup, in the counters and its usage."""
+        if group.cached_tokens is not None or not looked:
+            return
+        first = looked[0]
+        group.cached_tokens = first.num_computed
+        self.prefix_query_tokens += first.reusable_prefix_len
+        self.prefix_hit_tokens += first.num_computed
 
     @staticmethod
     def _set_status(group: SequenceGroup, status: Status) -> None:
@@ -309,8 +325,11 @@ class Scheduler:
         """The chunks of `out` now have their KV in the store."""
         for chunk in out.chunks:
             seq = chunk.seq
+            if seq.status is Status.FINISHED:  # its request failed in this step: its blocks are gone
+                continue
             seq.num_computed += chunk.num_tokens
-            self.blocks.name_blocks(seq.block_table, seq.block_names, seq.token_ids, seq.num_computed)
+            seq.named_blocks, seq.tail_name = self.blocks.name_blocks(
+                seq.block_table, seq.token_ids, seq.named_blocks, seq.tail_name, seq.num_computed)
 
     def branch(self, parent: Sequence, token_ids: list[int], seq_id: int) -> Sequence:
         """A sequence that shares `parent`'s computed KV and continues with `token_ids` (not yet a
@@ -348,8 +367,7 @@ class Scheduler:
             self.paused.remove(group)
         for seq in group.seqs:
             self.blocks.free(seq.block_table)
-            seq.status = Status.FINISHED
-        group.status = Status.FINISHED
+        self._set_status(group, Status.FINISHED)
 
     def check_invariants(self) -> None:
         groups = list(self.waiting) + self.running + self.paused

@@ -32,8 +32,10 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
-    # Ids of the prefix-cache names of the table's first full computed blocks (block_manager.py).
-    block_names: list[int] = field(default_factory=list)
+    # Prefix caching (block_manager.py): how many of the table's first full blocks are named, and the
+    # id of the last one's name (0: none).
+    named_blocks: int = 0
+    tail_name: int = 0
 
     @classmethod
     def from_request(cls, seq_id: int, request: GenerationRequest) -> "Sequence":
@@ -72,7 +74,7 @@ class Sequence:
     def child(self, seq_id: int, token_ids: list[int], block_table: list[int]) -> "Sequence":
         """A sequence continuing this one's computed KV (shared blocks) with its own tokens."""
         return Sequence(seq_id, self.request, token_ids, self.status, self.num_computed, block_table,
-                        list(self.block_names))
+                        self.named_blocks, self.tail_name)
 
 
 @dataclass(eq=False)
