@@ -279,6 +279,42 @@ async def _close(server: grpc.aio.Server, endpoint) -> None:
     await asyncio.gather(*stops)
 
 
+def _grpc_server(runtime: Runtime, config: ServerConfig, metrics: Metrics, tokens: TokensFile | None) -> grpc.aio.Server:
+    """The server with its interceptors: authentication first, so that a call without a valid token
+    is refused before its body is parsed; then the malformed-body check."""
+    interceptors = [MalformedRequestInterceptor(metrics.malformed_request)]
+    if tokens is not None:
+        interceptors.insert(0, BearerTokenInterceptor(lambda t: tokens.table.client_of(t) is not None,
+                                                      metrics.auth_failed))
+    elif config.auth_token:
+        interceptors.insert(0, BearerTokenInterceptor(config.auth_token, metrics.auth_failed))
+    size = _max_message_bytes(runtime.limits)
+    return grpc.aio.server(
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                 ("grpc.so_reuseport", 0)],
+        interceptors=interceptors,
+    )
+
+
+def _admission(cfg: AdmissionConfig, runtime: Runtime, tokens: TokensFile | None) -> Admission:
+    cfg = cfg.resolved(runtime.served.max_num_seqs, runtime.served.kv_cache_tokens)
+    log.info("admission: up to %s queued requests and %s queued prompt tokens, queue wait up to %s",
+             cfg.max_queued_requests or "unlimited", cfg.max_queued_prompt_tokens or "unlimited",
+             f"{cfg.max_queue_wait:g} s" if cfg.max_queue_wait else "unlimited")
+    admission = Admission(cfg)
+    if tokens is not None:
+        admission.set_client_limits(tokens.table.limits)
+    return admission
+
+
+def _announce(runtime: Runtime, config: ServerConfig, address: str, tokens: TokensFile | None) -> None:
+    tokens_used = f", bearer tokens of {len(tokens.table.limits)} clients" if tokens else ""
+    security = ("TLS" if config.tls_cert_chain else "plaintext") + (
+        tokens_used or (", bearer token" if config.auth_token else ""))
+    log.info("tokenloom serving %s on %s (%s)", runtime.served.name, address, security)
+    print(f"tokenloom: serving {runtime.served.name} on {address} ({security})", flush=True)
+
+
 async def serve(
     runtime: Runtime, config: ServerConfig, engine_thread: EngineThread, ready: asyncio.Event | None = None,
     metrics_cfg: MetricsConfig | None = None,  # None: no metrics endpoint
@@ -296,29 +332,10 @@ async def serve(
 
     engine = runtime.engine(hub.publish, metrics, faults=faults, on_exit=on_engine_exit)
     hub.engine = engine
-    size = _max_message_bytes(runtime.limits)
     tokens = TokensFile(config.auth_tokens_file) if config.auth_tokens_file else None
-    # Authentication first: a call without a valid token is refused before its body is parsed.
-    interceptors = [MalformedRequestInterceptor(metrics.malformed_request)]
-    if tokens is not None:
-        interceptors.insert(0, BearerTokenInterceptor(lambda t: tokens.table.client_of(t) is not None,
-                                                      metrics.auth_failed))
-    elif config.auth_token:
-        interceptors.insert(0, BearerTokenInterceptor(config.auth_token, metrics.auth_failed))
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                 ("grpc.so_reuseport", 0)],
-        interceptors=interceptors,
-    )
-    admission_cfg = (admission_cfg or AdmissionConfig()).resolved(runtime.served.max_num_seqs,
-                                                                   runtime.served.kv_cache_tokens)
-    admission = Admission(admission_cfg)
-    log.info("admission: up to %s queued requests and %s queued prompt tokens, queue wait up to %s",
-             admission_cfg.max_queued_requests or "unlimited", admission_cfg.max_queued_prompt_tokens or "unlimited",
-             f"{admission_cfg.max_queue_wait:g} s" if admission_cfg.max_queue_wait else "unlimited")
-    if tokens is not None:
-        admission.set_client_limits(tokens.table.limits)
-    identify = Identify(admission_cfg.trusted_metadata_key, tokens)
+    server = _grpc_server(runtime, config, metrics, tokens)
+    admission = _admission(admission_cfg or AdmissionConfig(), runtime, tokens)
+    identify = Identify(admission.config.trusted_metadata_key, tokens)
     servicer.add_to_server(
         servicer.GenerationServicer(runtime.preprocessor, hub, runtime.served, admission, identify=identify), server)
     health = await _health_and_reflection(server)
@@ -344,11 +361,7 @@ async def serve(
     engine.start(engine_thread)
     if not stop.is_set():
         await _set_serving(health)
-    tokens_used = f", bearer tokens of {len(tokens.table.limits)} clients" if tokens else ""
-    security = ("TLS" if config.tls_cert_chain else "plaintext") + (
-        tokens_used or (", bearer token" if config.auth_token else ""))
-    log.info("tokenloom serving %s on %s (%s)", runtime.served.name, address, security)
-    print(f"tokenloom: serving {runtime.served.name} on {address} ({security})", flush=True)
+    _announce(runtime, config, address, tokens)
     if ready is not None:
         ready.set()
     # A dead engine cannot come back: health says NOT_SERVING (so a balancer or an orchestrator
