@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from results import RequestResult
+from server_process import ServerProcess, free_port
 from workload import Request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,12 +147,11 @@ def f32_gguf() -> Path:
     return out
 
 
-class LlamaServer:
-    """`llama-server` in a subprocess: `slots` parallel sequences sharing a context of `ctx` tokens."""
+class LlamaServer(ServerProcess):
+    """`llama-server` in a subprocess: `slots` parallel sequences sharing a context of `ctx` tokens.
+    Stopped (SIGTERM, then SIGKILL) and read like a tokenloom server process."""
 
     def __init__(self, model: Path, *, slots: int, ctx: int, threads: int, log_dir: Path, name: str):
-        from server_process import free_port
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
@@ -178,21 +178,6 @@ class LlamaServer:
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"llama-server not ready after {timeout} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-        finally:
-            self._log.close()
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
 
 
 def completion_body(req: Request) -> dict:
