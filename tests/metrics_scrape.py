@@ -20,10 +20,17 @@ class Scrape:
                        for family in text_string_to_metric_families(text) for s in family.samples}
 
     def get(self, name: str, **labels: str) -> float:
-        return self.values.get((PREFIX + name, frozenset(labels.items())), 0.0)
+        """The sum of the samples of `name` that carry `labels` (and any others: e.g. both fronts)."""
+        want = frozenset(labels.items())
+        return sum(v for (n, k), v in self.values.items() if n == PREFIX + name and want <= k)
 
-    def by_label(self, name: str, label: str) -> dict[str, float]:
-        return {dict(k)[label]: v for (n, k), v in self.values.items() if n == PREFIX + name}
+    def by_label(self, name: str, label: str, **labels: str) -> dict[str, float]:
+        """Sums of the samples of `name` that carry `labels`, by the value of `label`."""
+        want, sums = frozenset(labels.items()), {}
+        for (n, k), v in self.values.items():
+            if n == PREFIX + name and want <= k:
+                sums[dict(k)[label]] = sums.get(dict(k)[label], 0.0) + v
+        return sums
 
     def outcomes(self) -> dict[str, float]:
         return self.by_label("requests_finished_total", "outcome")

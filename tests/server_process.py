@@ -33,14 +33,15 @@ def free_ports(n: int) -> list[int]:
 
 class ServerProcess:
     def __init__(self, model: str | Path, *args: str, log_dir: Path, name: str = "server"):
-        # Every test server gets a metrics port of its own: the default 8000 would clash.
-        self.port, self.metrics_port = free_ports(2)
+        # Every test server gets metrics and HTTP ports of its own: the defaults 8000 and 8080 would clash.
+        self.port, self.metrics_port, self.http_port = free_ports(3)
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
         self.cmd = [sys.executable, "-m", "tokenloom", "--model", str(model), "--host", "127.0.0.1",
                     "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-                    *args]
+                    "--http-port", str(self.http_port), *args]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":

@@ -23,12 +23,14 @@ from .server import CacheConfig, ListenError, ServerConfig, load_runtime, serve
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tokenloom", description="Serve a causal LM over gRPC with continuous batching.",
+        prog="tokenloom", description="Serve a causal LM over gRPC (and OpenAI-compatible HTTP) with continuous batching.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("network")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on")
     g.add_argument("--port", type=int, default=50051, help="gRPC port")
+    g.add_argument("--http-port", type=int, default=8080,
+                   help="OpenAI-compatible HTTP API and the decoding explorer page (on --host); 0 disables")
     g.add_argument("--grace-seconds", type=float, default=10.0,
                    help="on SIGTERM/SIGINT, time open streams get to finish; those still open then get UNAVAILABLE, "
                         "and the process exits within a second")
@@ -165,7 +167,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     else:
         token = auth_token(args.auth_token, path=args.auth_token_file)
     return ServerConfig(args.host, args.port, args.grace_seconds, tls_cert_chain=cert, tls_private_key=key,
-                        auth_token=token, auth_tokens_file=args.auth_tokens_file,
+                        auth_token=token, auth_tokens_file=args.auth_tokens_file, http_port=args.http_port,
                         stream=StreamConfig(args.stream_buffer, args.stream_idle_timeout))
 
 

@@ -29,6 +29,7 @@ KNOWN_REJECT_REASONS = (
     "max_queue_wait", "draining", "too_large", "engine_unavailable",
 )
 KNOWN_AUTH_FAILURES = ("missing", "malformed", "rejected")
+FRONTS = ("grpc", "http")  # the protocols requests come in on (the `front` label)
 
 # Latency buckets span a fast GPU (sub-millisecond decode steps) to a loaded CPU (seconds).
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -56,11 +57,12 @@ class Metrics:
         self._finished = Counter(
             PREFIX + "requests_finished", "Requests ended, by outcome: a finish reason (eos, length, "
             "stop_string), cancelled by the client, shutdown (ended when the drain's grace ran out), or the gRPC "
-            "status code name of an error",
-            ["outcome"], registry=r,
+            "status code name of an error; and by front (grpc, http)",
+            ["outcome", "front"], registry=r,
         )
         self._rejected = Counter(
-            PREFIX + "requests_rejected", "Requests refused before running, by reason", ["reason"], registry=r
+            PREFIX + "requests_rejected", "Requests refused before running, by reason and front (grpc, http)",
+            ["reason", "front"], registry=r
         )
         self._auth_failures = Counter(
             PREFIX + "auth_failures", "Calls refused with UNAUTHENTICATED, by reason: no token (missing), "
@@ -119,20 +121,21 @@ class Metrics:
                                    registry=r)
         self._kv_ratio = Gauge(PREFIX + "kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
         self._kv_bytes = Gauge(PREFIX + "kv_cache_used_bytes", "Bytes of the KV store in used blocks", registry=r)
-        for outcome in KNOWN_OUTCOMES:
-            self._finished.labels(outcome=outcome)
-        for reason in KNOWN_REJECT_REASONS:
-            self._rejected.labels(reason=reason)
+        for front in FRONTS:
+            for outcome in KNOWN_OUTCOMES:
+                self._finished.labels(outcome=outcome, front=front)
+            for reason in KNOWN_REJECT_REASONS:
+                self._rejected.labels(reason=reason, front=front)
         for reason in KNOWN_AUTH_FAILURES:
             self._auth_failures.labels(reason=reason)
 
     # -- the asyncio side: what clients see -------------------------------------------
 
-    def request_finished(self, outcome: str) -> None:
-        self._finished.labels(outcome=outcome).inc()
+    def request_finished(self, outcome: str, front: str = "grpc") -> None:
+        self._finished.labels(outcome=outcome, front=front).inc()
 
-    def rejected(self, reason: str) -> None:
-        self._rejected.labels(reason=reason).inc()
+    def rejected(self, reason: str, front: str = "grpc") -> None:
+        self._rejected.labels(reason=reason, front=front).inc()
 
     def auth_failed(self, reason: str) -> None:
         self._auth_failures.labels(reason=reason).inc()

@@ -17,8 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .executor import attention, decode_kernel, model_impl
 from .front import reflection, servicer
+from .front.gateway import SHUTDOWN_MESSAGE, Gateway
+from .front.http_app import HttpFront
+from .front.http_server import HttpServer
 from .front.admission import Admission, AdmissionConfig
-from .front.auth import BearerTokenInterceptor
+from .front.auth import BearerTokenInterceptor, one_token
 from .front.clients import TokensFile
 from .front.decoding import MalformedRequestInterceptor
 from .front.identity import Identify
@@ -70,10 +73,13 @@ class ServerConfig:
     auth_token: str | None = field(default=None, repr=False)  # None: no authentication
     auth_tokens_file: str | None = None  # tokens -> client ids and limits (front/clients.py); reloaded on SIGHUP
     stream: StreamConfig = StreamConfig()  # per-stream buffer and idle cut (front/stream.py)
+    http_port: int = 8080  # the OpenAI-compatible HTTP API and the explorer page (on `host`); 0: none
 
     def __post_init__(self):
         if (self.tls_cert_chain is None) != (self.tls_private_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port {self.http_port} is not in 0..65535")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("the auth token (--auth-token / TOKENLOOM_AUTH_TOKEN) must not be empty")
         if self.auth_token is not None and self.auth_tokens_file is not None:
@@ -231,8 +237,10 @@ async def _set_serving(health: grpc_health.aio.HealthServicer) -> None:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def _not_serving_on(engine_failed: asyncio.Event, health) -> None:
+async def _not_serving_on(engine_failed: asyncio.Event, health, http: HttpServer | None) -> None:
     await engine_failed.wait()
+    if http is not None:
+        http.front.serving = False
     for service in ("", servicer.SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     log.critical("health: NOT_SERVING, the engine has failed; restart the server")
@@ -263,31 +271,37 @@ async def _drain(server: grpc.aio.Server, health, admission: Admission, engine: 
                     admission.num_open, grace)
         admission.cut()
         deadline = time.monotonic() + _CUT_SECONDS
-        hub.cut_unread(servicer.SHUTDOWN_MESSAGE)  # blocked on a client that does not read: they would not see their end
+        hub.cut_unread(SHUTDOWN_MESSAGE)  # blocked on a client that does not read: they would not see their end
         await asyncio.to_thread(engine.stop, _CUT_SECONDS)
         if not await admission.wait_idle(max(deadline - time.monotonic(), 0.0)):
             log.warning("%d requests did not take their end in %g s: gRPC cancels them",
                         admission.num_open, _CUT_SECONDS)
 
 
-async def _close(server: grpc.aio.Server, endpoint) -> None:
-    """After the drain, together: gRPC cuts what is left after `_CLOSE_SECONDS`, and the metrics
-    endpoint's thread stops (it looks for a stop every 0.5 s)."""
+async def _close(server: grpc.aio.Server, endpoint, http: HttpServer | None) -> None:
+    """After the drain, together: gRPC and HTTP cut what is left after `_CLOSE_SECONDS`, and the
+    metrics endpoint's thread stops (it looks for a stop every 0.5 s)."""
     stops = [server.stop(_CLOSE_SECONDS)]
     if endpoint is not None:
         stops.append(asyncio.to_thread(endpoint.stop))
+    if http is not None:
+        stops.append(http.stop())
     await asyncio.gather(*stops)
 
 
-def _grpc_server(runtime: Runtime, config: ServerConfig, metrics: Metrics, tokens: TokensFile | None) -> grpc.aio.Server:
+def _token_check(config: ServerConfig, tokens: TokensFile | None):
+    """Whether a bearer token is accepted (the tokens file's, or the one token); None: no authentication."""
+    if tokens is not None:
+        return lambda t: tokens.table.client_of(t) is not None
+    return one_token(config.auth_token.encode()) if config.auth_token else None
+
+
+def _grpc_server(runtime: Runtime, metrics: Metrics, accepts) -> grpc.aio.Server:
     """The server with its interceptors: authentication first, so that a call without a valid token
     is refused before its body is parsed; then the malformed-body check."""
     interceptors = [MalformedRequestInterceptor(metrics.malformed_request)]
-    if tokens is not None:
-        interceptors.insert(0, BearerTokenInterceptor(lambda t: tokens.table.client_of(t) is not None,
-                                                      metrics.auth_failed))
-    elif config.auth_token:
-        interceptors.insert(0, BearerTokenInterceptor(config.auth_token, metrics.auth_failed))
+    if accepts is not None:
+        interceptors.insert(0, BearerTokenInterceptor(accepts, metrics.auth_failed))
     size = _max_message_bytes(runtime.limits)
     return grpc.aio.server(
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
@@ -311,8 +325,9 @@ def _announce(runtime: Runtime, config: ServerConfig, address: str, tokens: Toke
     tokens_used = f", bearer tokens of {len(tokens.table.limits)} clients" if tokens else ""
     security = ("TLS" if config.tls_cert_chain else "plaintext") + (
         tokens_used or (", bearer token" if config.auth_token else ""))
-    log.info("tokenloom serving %s on %s (%s)", runtime.served.name, address, security)
-    print(f"tokenloom: serving {runtime.served.name} on {address} ({security})", flush=True)
+    http = f", HTTP on http://{config.host}:{config.http_port}" if config.http_port else ""
+    log.info("tokenloom serving %s on %s (%s)%s", runtime.served.name, address, security, http)
+    print(f"tokenloom: serving {runtime.served.name} on {address} ({security}){http}", flush=True)
 
 
 async def serve(
@@ -333,14 +348,22 @@ async def serve(
     engine = runtime.engine(hub.publish, metrics, faults=faults, on_exit=on_engine_exit)
     hub.engine = engine
     tokens = TokensFile(config.auth_tokens_file) if config.auth_tokens_file else None
-    server = _grpc_server(runtime, config, metrics, tokens)
+    accepts = _token_check(config, tokens)
+    server = _grpc_server(runtime, metrics, accepts)
     admission = _admission(admission_cfg or AdmissionConfig(), runtime, tokens)
-    identify = Identify(admission.config.trusted_metadata_key, tokens)
-    servicer.add_to_server(
-        servicer.GenerationServicer(runtime.preprocessor, hub, runtime.served, admission, identify=identify), server)
+    gateway = Gateway(runtime.preprocessor, hub, admission, Identify(admission.config.trusted_metadata_key, tokens))
+    servicer.add_to_server(servicer.GenerationServicer(gateway, runtime.served), server)
     health = await _health_and_reflection(server)
     address = f"{config.host}:{config.port}"
     _listen(server, config, address)
+    http = None
+    if config.http_port:
+        front = HttpFront(gateway, runtime.served, TokenText(runtime.loaded.tokenizer).token, accepts,
+                          max_body_bytes=_max_message_bytes(runtime.limits))
+        try:
+            http = HttpServer(front, config.host, config.http_port, tls=(config.tls_cert_chain, config.tls_private_key))
+        except RuntimeError as exc:
+            raise ListenError(str(exc)) from None
     try:
         endpoint = metrics.serve_http(metrics_cfg) if metrics_cfg is not None else None
     except RuntimeError as exc:
@@ -355,21 +378,27 @@ async def serve(
     if tokens is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload, tokens, admission)
     await server.start()
+    if http is not None:
+        await http.start()
     # Health answers NOT_SERVING meanwhile. The warm-up steps the shared scheduler and KV store, so
     # the serving engine starts after it (requests that come early wait in its inbox).
     await asyncio.wrap_future(engine_thread.submit(runtime.warm_up))
     engine.start(engine_thread)
     if not stop.is_set():
         await _set_serving(health)
+        if http is not None:
+            http.front.serving = True
     _announce(runtime, config, address, tokens)
     if ready is not None:
         ready.set()
     # A dead engine cannot come back: health says NOT_SERVING (so a balancer or an orchestrator
     # moves traffic away and restarts us) and new requests get UNAVAILABLE until a signal stops us.
-    failed = asyncio.ensure_future(_not_serving_on(engine_failed, health))
+    failed = asyncio.ensure_future(_not_serving_on(engine_failed, health, http))
     await stop.wait()
     failed.cancel()
     signalled = time.monotonic()
+    if http is not None:
+        http.front.serving = False
     await _drain(server, health, admission, engine, hub, config.grace_seconds)
-    await _close(server, endpoint)
+    await _close(server, endpoint, http)
     log.info("stopped %.2f s after the signal (grace %g s)", time.monotonic() - signalled, config.grace_seconds)

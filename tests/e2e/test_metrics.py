@@ -163,6 +163,6 @@ def test_metric_names_follow_prometheus_conventions(metrics_server):
             "tokenloom_time_to_first_token_seconds"} <= set(ours)
     for family in ours.values():
         labels = {k for s in family.samples for k in s.labels} - {"le"}
-        assert labels <= {"outcome", "reason"}, (family.name, labels)  # never a request id or a client
+        assert labels <= {"outcome", "reason", "front"}, (family.name, labels)  # never a request id or a client
         if family.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name

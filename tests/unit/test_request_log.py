@@ -21,7 +21,7 @@ def test_a_finished_request_reports_tokens_ttft_duration_and_finish_reason():
     record.on_event(TokenEvent("r1", token_ids=(6,), finish_reason=FinishReason.LENGTH, final=True,
                                prompt_tokens=12, generated_tokens=2, cached_tokens=8))
     got = fields(record.line(now=101.5))
-    assert got == {"request_id": "r1", "method": "Generate", "client": "10.0.0.7", "prompt_tokens": "12",
+    assert got == {"request_id": "r1", "method": "Generate", "front": "grpc", "client": "10.0.0.7", "prompt_tokens": "12",
                    "cached_tokens": "8", "generated_tokens": "2", "delivered_tokens": "2", "ttft_s": "0.2500", "duration_s": "1.5000", "outcome": "length"}
 
 

@@ -2,7 +2,7 @@
 
 The line goes to the `tokenloom.requests` logger at INFO as key=value pairs, e.g.
 
-    request_id=3f2a... method=Generate client=10.0.0.7 prompt_tokens=12 cached_tokens=0 generated_tokens=30
+    request_id=3f2a... method=Generate front=grpc client=10.0.0.7 prompt_tokens=12 cached_tokens=0 generated_tokens=30
     delivered_tokens=30 ttft_s=0.0123 duration_s=0.3456 outcome=length
 
 `generated_tokens` is what the engine produced for the request, `delivered_tokens` what of it
@@ -33,6 +33,7 @@ _BARE = re.compile(r"[\w.:/@\[\]+-]+")
 class RequestRecord:
     method: str
     client: str
+    front: str = "grpc"  # the protocol the call came in on: grpc or http
     started_at: float = field(default_factory=time.monotonic)
     request_id: str = ""
     prompt_tokens: int = 0
@@ -69,6 +70,7 @@ class RequestRecord:
         fields = [
             ("request_id", self.request_id or "-"),
             ("method", self.method),
+            ("front", self.front),
             ("client", self.client),
             ("prompt_tokens", self.prompt_tokens),
             ("cached_tokens", self.cached_tokens),

@@ -13,16 +13,9 @@ import grpc
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
 
-from .admission import Admission, AdmissionConfig, Closed, Rejected, Ticket
-from .identity import Identify
-from .queue_wait import QueueWaitExpired, first_by
-from .preprocessor import Preprocessor, UserInput
-from ..request import (
-    BestUpdate, EngineUnavailable, FinishReason, GenerationOutput, GenerationRequest, Hypothesis, RequestTooLarge,
-    TokenEvent, TopToken,
-)
-from .request_log import RequestRecord
-from .stream import Stream, StreamHub
+from .gateway import CallError, Gateway
+from .preprocessor import UserInput
+from ..request import BestUpdate, FinishReason, GenerationOutput, Hypothesis, TokenEvent, TopToken
 from .validation import InvalidArgument, RawParams
 
 log = logging.getLogger(__name__)
@@ -30,8 +23,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 # Trailing metadata of a RESOURCE_EXHAUSTED answer: seconds after which a retry may pass.
 RETRY_AFTER_KEY = "retry-after-seconds"
-# UNAVAILABLE for the requests still open when the drain's grace (--grace-seconds) ends.
-SHUTDOWN_MESSAGE = "the server is shutting down and its grace for open requests is over; retry on another replica"
 
 # ModelInfo's pb.Limits: these three describe the server, not a request ceiling; every other field is
 # validation.Limits' field of the same name (a unit test holds the two messages' names together).
@@ -66,32 +57,28 @@ class ServedModel:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, preprocessor: Preprocessor, hub: StreamHub, served: ServedModel,
-                 admission: Admission | None = None, identify: Identify | None = None):
-        self.preprocessor = preprocessor
-        self.hub = hub
+    def __init__(self, gateway: Gateway, served: ServedModel):
+        self.gateway = gateway
+        self.preprocessor = gateway.preprocessor
         self.served = served
-        self.admission = admission or Admission(
-            AdmissionConfig().resolved(served.max_num_seqs, served.kv_cache_tokens))
-        # Who a call is from (the client admission counts it under); server.py passes the tokens file's.
-        self.identify = identify or Identify(self.admission.config.trusted_metadata_key)
-        self.metrics = hub.metrics  # one Metrics per server; the hub and the engine share it
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        with self._counted("Generate", context, request.request_id) as ending:
-            req = await self._prepare(request, context)
-            client_id = request.request_id or req.request_id
-            async with await self._admit(req, client_id, ending, context) as ticket:
-                async for event in self._events(req, context, ending, ticket):
-                    yield _to_response(event, client_id)
+        async with _aborting(context):
+            with self._call("Generate", context, request.request_id) as call:
+                req = await call.prepare(_user_input(request), _raw_params(request.parameters))
+                client_id = request.request_id or req.request_id
+                async with await call.admit(req, client_id) as ticket:
+                    async for event in call.events(req, ticket, _cutter(context)):
+                        yield _to_response(event, client_id)
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        with self._counted("GenerateUnary", context, request.request_id) as ending:
-            req = await self._prepare(request, context)
-            out = GenerationOutput(request.request_id or req.request_id)
-            async with await self._admit(req, out.request_id, ending, context) as ticket:
-                async for event in self._events(req, context, ending, ticket):
-                    out.add(event)
+        async with _aborting(context):
+            with self._call("GenerateUnary", context, request.request_id) as call:
+                req = await call.prepare(_user_input(request), _raw_params(request.parameters))
+                out = GenerationOutput(request.request_id or req.request_id)
+                async with await call.admit(req, out.request_id) as ticket:
+                    async for event in call.events(req, ticket, _cutter(context)):
+                        out.add(event)
         return pb.GenerateResult(
             request_id=out.request_id,
             token_ids=out.token_ids,
@@ -106,17 +93,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         prompt = UserInput(prompt=request.prompt, input_ids=tuple(request.prompt_ids))
-        with self._counted("Score", context, request.request_id) as ending:
-            try:
-                req = await asyncio.to_thread(
-                    self.preprocessor.score, prompt, request.continuation, tuple(request.continuation_ids)
-                )
-            except InvalidArgument as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            out = GenerationOutput(req.request_id)
-            async with await self._admit(req, request.request_id or req.request_id, ending, context) as ticket:
-                async for event in self._events(req, context, ending, ticket):
-                    out.add(event)
+        async with _aborting(context):
+            with self._call("Score", context, request.request_id) as call:
+                req = await call.prepare_score(prompt, request.continuation, tuple(request.continuation_ids))
+                out = GenerationOutput(req.request_id)
+                async with await call.admit(req, request.request_id or req.request_id) as ticket:
+                    async for event in call.events(req, ticket, _cutter(context)):
+                        out.add(event)
         return pb.ScoreResponse(
             request_id=request.request_id or req.request_id,
             prompt_ids=req.prompt_ids[: req.score_from],
@@ -146,111 +129,47 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             ),
         )
 
-    async def _prepare(self, request: pb.GenerateRequest, context) -> GenerationRequest:
-        user = UserInput(
-            prompt=request.prompt,
-            messages=tuple((m.role, m.content) for m in request.messages),
-            input_ids=tuple(request.input_ids),
-        )
-        try:
-            # Tokenising a long prompt or rendering a template is CPU work: keep it off the loop.
-            return await asyncio.to_thread(self.preprocessor, user, _raw_params(request.parameters))
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-    async def _admit(self, req: GenerationRequest, request_id: str, ending: RequestRecord, context) -> Ticket:
-        """Admission of `req`; the ticket must be held (`async with`) until the request ends."""
-        ending.request_id, ending.prompt_tokens = request_id, len(req.prompt_ids)
-        try:
-            return await self.admission.admit(ending.client, len(req.prompt_ids))
-        except Rejected as exc:
-            await self._reject(exc, ending, context)
-        except Closed as exc:
-            ending.limit = "draining"
-            self.metrics.rejected("draining")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-
-    async def _reject(self, exc: Rejected, ending: RequestRecord, context) -> None:
-        ending.limit = exc.limit
-        self.metrics.rejected(exc.limit)
-        retry = () if exc.retry_after_seconds is None else ((RETRY_AFTER_KEY, f"{exc.retry_after_seconds:.3f}"),)
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, trailing_metadata=retry)
-
-    def _client(self, context) -> str:
+    def _call(self, method: str, context, request_id: str):
         metadata = context.invocation_metadata() or ()
-        return self.identify(metadata, context.peer())
+        return self.gateway.call(method, "grpc", self.gateway.identify(metadata, context.peer()), request_id)
 
-    async def _events(self, req: GenerationRequest, context, ending: RequestRecord,
-                      ticket: Ticket) -> AsyncIterator[TokenEvent]:
-        """The engine's events for `req`; failures become gRPC status codes."""
-        task = asyncio.current_task()
 
-        def stalled(message: str) -> None:  # the hub cut the stream: its reader stopped reading
-            ending.stalled = True
-            code = grpc.StatusCode.UNAVAILABLE if self.admission.cutting else grpc.StatusCode.CANCELLED
-            asyncio.ensure_future(_cut(context, task, code, message))
+@contextlib.asynccontextmanager
+async def _aborting(context):
+    """A call's `CallError` as its gRPC status (RESOURCE_EXHAUSTED carries the retry hint)."""
+    try:
+        yield
+    except CallError as exc:
+        retry = () if exc.retry_after is None else ((RETRY_AFTER_KEY, f"{exc.retry_after:.3f}"),)
+        await context.abort(grpc.StatusCode[exc.code], exc.message, trailing_metadata=retry)
 
-        stream = Stream(stalled)
-        ending.stream = stream
-        try:
-            async for event in first_by(self.hub.run(req, stream), ticket.queue_deadline):
-                ticket.started()
-                ending.on_event(event)
-                if event.finish_reason is FinishReason.ERROR:
-                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
-                if event.finish_reason is FinishReason.CANCELLED:
-                    # The engine cancels on its own only when it stops (shutdown or failure).
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, self._stopped("the engine stopped; retry later"))
-                yield event
-        except QueueWaitExpired:
-            await self._reject(self.admission.expired(ticket), ending, context)
-        except EngineUnavailable as exc:
-            self.metrics.rejected("engine_unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._stopped(str(exc)))
-        except RequestTooLarge as exc:
-            self.metrics.rejected("too_large")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
-    def _stopped(self, message: str) -> str:
-        """What a request the engine dropped is told: the shutdown's words once the drain's grace is over."""
-        return SHUTDOWN_MESSAGE if self.admission.cutting else message
+def _cutter(context):
+    """How a stream whose client stopped reading ends: the status goes out first (a client that reads
+    again gets the messages it was sent, then this), then the handler is cancelled, since it waits on a
+    write that the client's flow control will not let through."""
+    task = asyncio.current_task()
 
-    @contextlib.contextmanager
-    def _counted(self, method: str, context, request_id: str) -> Iterator[RequestRecord]:
-        """Count and log one call of a generating RPC under how it ended: its finish reason,
-        "cancelled" when the client left, "shutdown" when the drain's grace ended it, or the name
-        of the gRPC status code it failed with."""
-        ending = RequestRecord(method, self._client(context), request_id=request_id)  # the client's, if any
-        try:
-            yield ending
-        except (asyncio.CancelledError, GeneratorExit):
-            ending.outcome = "stream_idle_timeout" if ending.stalled else "cancelled"
-            if self.admission.cutting:  # past the grace, the server's own stop cancels what is left
-                ending.outcome = "shutdown"
-            raise
-        except grpc.aio.AbortError:
-            code = context.code()
-            ending.outcome = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-            if code is grpc.StatusCode.UNAVAILABLE and self.admission.cutting and not ending.limit:
-                ending.outcome = "shutdown"  # admitted, then ended past the grace (not refused at the door)
-            raise
-        except Exception:
-            ending.outcome = "UNKNOWN"  # what gRPC answers for an exception it did not expect
-            raise
-        finally:
-            self.metrics.request_finished(ending.outcome)
-            ending.emit()
+    def cut(code: str, message: str) -> None:
+        asyncio.ensure_future(_cut(context, task, grpc.StatusCode[code], message))
+
+    return cut
 
 
 async def _cut(context, task: asyncio.Task, code: grpc.StatusCode, message: str) -> None:
-    """End a call whose client stopped reading: the status goes out first (a client that reads
-    again gets the messages it was sent, then this), then the handler is cancelled, since it
-    waits on a write that the client's flow control will not let through."""
     abort = asyncio.ensure_future(context.abort(code, message))
     await asyncio.sleep(0)
     task.cancel()
     with contextlib.suppress(BaseException):
         await abort
+
+
+def _user_input(request: pb.GenerateRequest) -> UserInput:
+    return UserInput(
+        prompt=request.prompt,
+        messages=tuple((m.role, m.content) for m in request.messages),
+        input_ids=tuple(request.input_ids),
+    )
 
 
 _EARLY_STOPPING = {

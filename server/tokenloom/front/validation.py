@@ -20,6 +20,7 @@ class InvalidArgument(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message  # the message without the field's name (a front may name the field its own way)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,481 @@
+"""OpenAI's HTTP API <-> domain objects: request bodies to `UserInput` + `RawParams`, events to JSON.
+
+Pure: no HTTP, no asyncio. `http_app.py` calls it. Every problem with a body is an
+`InvalidArgument` naming the body's own field (`max_tokens`, `n`, `stop`, ...); the validation rules
+themselves are the gRPC front's (`validation.py`), whose field names `field_name` translates.
+
+Semantics (docs/http.md says the same for users):
+- `temperature` absent samples at 1.0, as OpenAI does; 0 is greedy. Beam requests (`num_beams` > 1)
+  are greedy unless they set a temperature (beam sampling is refused).
+- `top_k` is off unless given (OpenAI has none); our other controls are extra body fields.
+- `max_tokens` defaults to 16 for completions (OpenAI's default) and to the server's
+  --default-max-new-tokens for chat.
+- `logprobs` (completions: how many alternatives, chat: `logprobs` + `top_logprobs`) is our top-N:
+  the alternatives and their log-probabilities under the raw model distribution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from ..request import FinishReason, Hypothesis, TokenEvent
+from .preprocessor import UserInput
+from .validation import InvalidArgument, RawParams
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+# Our field names as the HTTP body spells them, for the errors of the shared validation.
+_HTTP_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "num_return_sequences": "n",
+    "stop_strings": "stop",
+    "top_n": "logprobs",
+    "min_new_tokens": "min_tokens",
+    "input_ids": "prompt",
+    "continuation_ids": "continuation_ids",
+}
+
+# OpenAI fields accepted and ignored: they change nothing a model computes.
+_IGNORED = ("user", "metadata", "store", "service_tier")
+# OpenAI fields we do not implement: a value other than "off" is refused, naming the field.
+_UNSUPPORTED = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+_UNSUPPORTED_WHY = {
+    "frequency_penalty": "not implemented; use repetition_penalty (an extra body field) instead",
+    "presence_penalty": "not implemented; use repetition_penalty (an extra body field) instead",
+    "echo": "not supported; POST /v1/score gives the log-probability of every token of a text",
+}
+# Our own controls, accepted as extra body fields (as vLLM does): body name -> (RawParams field, type).
+_EXTRA = {
+    "top_k": ("top_k", int),
+    "min_p": ("min_p", float),
+    "typical_p": ("typical_p", float),
+    "repetition_penalty": ("repetition_penalty", float),
+    "no_repeat_ngram_size": ("no_repeat_ngram_size", int),
+    "num_beams": ("num_beams", int),
+    "length_penalty": ("length_penalty", float),
+    "min_tokens": ("min_new_tokens", int),
+    "ignore_eos": ("ignore_eos", bool),
+}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
+           "logprobs", "best_of", "early_stopping", "stop_token_ids", "return_token_ids",
+           *_IGNORED, *_UNSUPPORTED, *_EXTRA}
+_COMPLETION_FIELDS = _COMMON | {"prompt"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+_SCORE_FIELDS = {"model", "prompt", "messages", "prompt_ids", "continuation", "continuation_ids"}
+
+_FINISH = {FinishReason.EOS: "stop", FinishReason.STOP_STRING: "stop", FinishReason.LENGTH: "length"}
+
+
+def field_name(ours: str) -> str:
+    """The HTTP body's name for a field that the shared validation names `ours`."""
+    return _HTTP_NAMES.get(ours, ours)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to answer: the response's shape, apart from what the engine computes."""
+
+    chat: bool
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False  # return the chosen tokens' log-probabilities (and top_n alternatives)
+    return_token_ids: bool = False
+    beams: bool = False
+    stop: tuple[str, ...] = ()  # OpenAI leaves the stop sequence out of the text (the engine keeps it, as HF)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    user: UserInput
+    raw: RawParams
+    options: Options
+
+
+@dataclass(frozen=True)
+class ParsedScore:
+    prompt: UserInput
+    continuation: str
+    continuation_ids: tuple[int, ...]
+
+
+# -- requests ------------------------------------------------------------------------------
+
+def parse_completion(body: object, served_model: str) -> ParsedRequest:
+    body = _object(body, _COMPLETION_FIELDS)
+    user = _completion_prompt(body.get("prompt"))
+    logprobs = _typed(body, "logprobs", int)
+    top_n = logprobs
+    return _parse(body, served_model, user, chat=False, top_n=top_n, want_logprobs=logprobs is not None,
+                  max_tokens=_typed(body, "max_tokens", int), default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+
+def parse_chat(body: object, served_model: str) -> ParsedRequest:
+    body = _object(body, _CHAT_FIELDS)
+    user = UserInput(messages=_messages(body.get("messages")))
+    want_logprobs = bool(_typed(body, "logprobs", bool))
+    top_n = _typed(body, "top_logprobs", int)
+    if top_n is not None and not want_logprobs:
+        raise InvalidArgument("top_logprobs", "needs logprobs: true")
+    max_tokens = _typed(body, "max_completion_tokens", int)
+    legacy = _typed(body, "max_tokens", int)
+    if max_tokens is not None and legacy is not None and max_tokens != legacy:
+        raise InvalidArgument("max_completion_tokens", "set max_completion_tokens or max_tokens, not both")
+    return _parse(body, served_model, user, chat=True, top_n=top_n if want_logprobs else None,
+                  want_logprobs=want_logprobs, max_tokens=max_tokens if max_tokens is not None else legacy,
+                  default_max_tokens=None)
+
+
+def parse_score(body: object, served_model: str) -> ParsedScore:
+    body = _object(body, _SCORE_FIELDS)
+    check_model(body, served_model)
+    messages = body.get("messages")
+    prompt = UserInput(prompt=_typed(body, "prompt", str) or "",
+                       messages=_messages(messages) if messages is not None else (),
+                       input_ids=_ids(body, "prompt_ids"))
+    return ParsedScore(prompt, _typed(body, "continuation", str) or "", _ids(body, "continuation_ids"))
+
+
+def check_model(body: dict, served_model: str) -> None:
+    model = _typed(body, "model", str)
+    if model is not None and model != served_model:
+        raise ModelNotFound(f"the model '{model}' is not served here; this server serves '{served_model}' "
+                            "(GET /v1/models lists it)")
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def _parse(body: dict, served_model: str, user: UserInput, *, chat: bool, top_n: int | None, want_logprobs: bool,
+           max_tokens: int | None, default_max_tokens: int | None) -> ParsedRequest:
+    check_model(body, served_model)
+    for name, off in _UNSUPPORTED.items():
+        if name in body and body[name] not in off:
+            why = _UNSUPPORTED_WHY.get(name, "not supported by this server")
+            raise InvalidArgument(name, why)
+    extra = {ours: _typed(body, name, kind) for name, (ours, kind) in _EXTRA.items()}
+    num_beams = extra["num_beams"] or 1
+    temperature = _typed(body, "temperature", float)
+    n = _typed(body, "n", int)
+    best_of = _typed(body, "best_of", int)
+    if best_of is not None and best_of != (n or 1):
+        raise InvalidArgument("best_of", "not supported apart from best_of == n; for the best of several "
+                              "candidates use num_beams")
+    # OpenAI samples unless temperature is 0; beams are greedy unless a temperature asks otherwise.
+    greedy = temperature == 0 or (temperature is None and num_beams > 1)
+    if greedy and (n or 1) > 1 and num_beams < 2:
+        raise InvalidArgument("n", "n > 1 needs sampling (a temperature above 0) or num_beams >= n")
+    if num_beams > 1 and want_logprobs:
+        raise InvalidArgument("logprobs", "not supported with beam search (num_beams > 1)")
+    stream = bool(_typed(body, "stream", bool))
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not stream:
+        raise InvalidArgument("stream_options", "only allowed with stream: true")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage", "continuous_usage_stats"}:
+            raise InvalidArgument("stream_options", "must be an object with include_usage")
+        include_usage = bool(_typed(stream_options, "include_usage", bool, "stream_options.include_usage"))
+    early = body.get("early_stopping")
+    if early is not None and early not in (True, False, "never"):
+        raise InvalidArgument("early_stopping", f"must be true, false or \"never\", got {early!r}")
+    raw = RawParams(
+        **{k: v for k, v in extra.items() if k not in ("ignore_eos", "top_k")},
+        ignore_eos=bool(extra["ignore_eos"]),
+        max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_k=extra["top_k"] if extra["top_k"] is not None else 0,
+        top_p=_typed(body, "top_p", float),
+        seed=_typed(body, "seed", int),
+        stop_strings=_stop(body.get("stop")),
+        num_return_sequences=n,
+        early_stopping=False if early is None else early,
+        stop_token_ids=_ids(body, "stop_token_ids"),
+        top_n=top_n,
+    )
+    options = Options(chat=chat, model=served_model, stream=stream, include_usage=include_usage,
+                      logprobs=want_logprobs, return_token_ids=bool(_typed(body, "return_token_ids", bool)),
+                      beams=num_beams > 1, stop=raw.stop_strings)
+    return ParsedRequest(user, raw, options)
+
+
+def _object(body: object, known: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", "the request body must be a JSON object")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise InvalidArgument(unknown[0], f"unknown field (this endpoint takes: {', '.join(sorted(known))})")
+    return body
+
+
+def _typed(body: dict, name: str, kind: type, shown: str = ""):
+    """`body[name]` if it has type `kind` (an int is a float; a bool is not an int), None if absent or null."""
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise InvalidArgument(shown or name, f"must be {_KIND[kind]}, got {value!r}")
+    return value
+
+
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _ids(body: dict, name: str) -> tuple[int, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InvalidArgument(name, "must be a list of token ids (integers)")
+    return tuple(value)
+
+
+def _stop(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    raise InvalidArgument("stop", "must be a string or a list of strings")
+
+
+def _completion_prompt(prompt) -> UserInput:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return UserInput(prompt=prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return UserInput(input_ids=tuple(prompt))
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise InvalidArgument("prompt", f"send one prompt per request ({len(prompt)} given); "
+                              "requests sent concurrently share the engine's batch")
+    raise InvalidArgument("prompt", "must be a string or a list of token ids")
+
+
+def _messages(messages) -> tuple[tuple[str, str], ...]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument("messages", "must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidArgument("messages", f"message {i} must be an object with a string role")
+        if set(m) - {"role", "content", "name"}:
+            extra = sorted(set(m) - {"role", "content", "name"})[0]
+            raise InvalidArgument("messages", f"message {i}: '{extra}' is not supported (text messages only)")
+        out.append((m["role"], _content(m.get("content"), i)))
+    return tuple(out)
+
+
+def _content(content, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidArgument("messages", f"message {i}: only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidArgument("messages", f"message {i}: content must be a string or a list of text parts")
+
+
+# -- responses -----------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # chat: content entries; completions: (token, lp, top, offset)
+    finish_reason: str | None = None
+    started: bool = False  # chat: the role went out in this choice's first chunk
+    held: str = ""  # streamed text kept back: it may be the start of a stop sequence
+
+
+class Responder:
+    """Turns one request's events into OpenAI JSON: stream chunks as they come (`chunks`), or the
+    whole response at the end (`add` each event, then `response`). `token_text(id)` is a token's text."""
+
+    def __init__(self, options: Options, request_id: str, token_text):
+        self.o = options
+        self.token_text = token_text
+        prefix = "chatcmpl-" if options.chat else "cmpl-"
+        self.id = prefix + request_id
+        self.created = int(time.time())
+        self.object = "chat.completion" if options.chat else "text_completion"
+        self.choices: dict[int, _Choice] = {}
+        self.hypotheses: tuple[Hypothesis, ...] = ()
+        self.usage: dict | None = None
+
+    # streaming
+    def chunks(self, event: TokenEvent) -> list[dict]:
+        out = []
+        if event.provisional:
+            if event.best_update is not None:  # beams: the whole best hypothesis so far
+                choice = self.choices.setdefault(0, _Choice())
+                u = event.best_update
+                choice.token_ids[u.keep_tokens:] = u.token_ids
+                choice.text = choice.text.encode()[: u.keep_text_bytes].decode(errors="ignore") + u.text_suffix
+                out.append(self._chunk([], best_so_far={"text": choice.text, "token_ids": list(choice.token_ids)}))
+        elif not self.o.beams and (event.token_ids or event.text or event.finish_reason is not None):
+            choice = self.choices.setdefault(event.index, _Choice())
+            entry = {"index": event.index, "finish_reason": _FINISH.get(event.finish_reason)}
+            text = self._releasable(choice, event)
+            if self.o.chat:
+                entry["delta"] = {"content": text}
+                if not choice.started:
+                    entry["delta"] = {"role": "assistant", "content": text}
+            else:
+                entry["text"] = text
+            entry["logprobs"] = self._logprobs(event, choice) if self.o.logprobs else None
+            if self.o.return_token_ids:
+                entry["token_ids"] = list(event.token_ids)
+            choice.started = True
+            choice.text += text
+            out.append(self._chunk([entry]))
+        if event.final:
+            for i, h in enumerate(event.hypotheses if self.o.beams else ()):
+                entry = {"index": i, "finish_reason": _FINISH.get(h.finish_reason), "score": _finite(h.score),
+                         "logprobs": None, "token_ids": list(h.token_ids)}
+                if self.o.chat:
+                    entry["delta"] = {"role": "assistant", "content": h.text}
+                else:
+                    entry["text"] = h.text
+                out.append(self._chunk([entry]))
+            if self.o.include_usage:
+                out.append(self._chunk([], usage=usage(event.prompt_tokens, event.generated_tokens,
+                                                       event.cached_tokens)))
+        return out
+
+    def _releasable(self, choice: _Choice, event: TokenEvent) -> str:
+        """The text a chunk may carry: none of a stop sequence, so the end of the text is kept back while
+        it could still become one (at most the longest stop's length - 1 characters)."""
+        text = choice.held + event.text
+        choice.held = ""
+        if event.finish_reason is FinishReason.STOP_STRING:
+            return _before_stop(text, self.o.stop)
+        keep = max(map(len, self.o.stop), default=1) - 1
+        if keep and event.finish_reason is None:
+            text, choice.held = text[:-keep], text[-keep:]
+        return text
+
+    def _chunk(self, choices: list[dict], **extra) -> dict:
+        kind = "chat.completion.chunk" if self.o.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.o.model, "choices": choices,
+                **extra}
+
+    # unary
+    def add(self, event: TokenEvent) -> None:
+        if not event.provisional and not self.o.beams:
+            choice = self.choices.setdefault(event.index, _Choice())
+            if self.o.logprobs:
+                self._logprobs(event, choice)  # before the text grows: the offsets count from there
+            choice.text += event.text
+            choice.token_ids.extend(event.token_ids)
+            if event.finish_reason is not None:
+                choice.finish_reason = _FINISH.get(event.finish_reason)
+            if event.finish_reason is FinishReason.STOP_STRING:
+                choice.text = _before_stop(choice.text, self.o.stop)
+        if event.final:
+            self.hypotheses = event.hypotheses
+            self.usage = usage(event.prompt_tokens, event.generated_tokens, event.cached_tokens)
+
+    def response(self) -> dict:
+        choices = []
+        if self.o.beams:
+            for i, h in enumerate(self.hypotheses):
+                choices.append(self._choice(i, h.text, list(h.token_ids), None, _FINISH.get(h.finish_reason),
+                                            score=_finite(h.score)))
+        else:
+            for i in sorted(self.choices):
+                c = self.choices[i]
+                choices.append(self._choice(i, c.text, c.token_ids, c, c.finish_reason))
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.o.model,
+                "choices": choices, "usage": self.usage}
+
+    def _choice(self, index: int, text: str, token_ids: list[int], choice: _Choice | None, finish: str | None,
+                **extra) -> dict:
+        entry = {"index": index, "finish_reason": finish, **extra}
+        if self.o.chat:
+            entry["message"] = {"role": "assistant", "content": text}
+        else:
+            entry["text"] = text
+        entry["logprobs"] = self._whole_logprobs(choice) if self.o.logprobs and choice is not None else None
+        if self.o.return_token_ids:
+            entry["token_ids"] = token_ids
+        return entry
+
+    # log-probabilities: chat's `content` list, or completions' parallel lists
+    def _logprobs(self, event: TokenEvent, choice: _Choice) -> dict:
+        start = len(choice.logprobs)
+        offset = len(choice.text)
+        for k, (token_id, logprob) in enumerate(zip(event.token_ids, event.logprobs)):
+            top = event.top_tokens[k] if k < len(event.top_tokens) else ()
+            text = self.token_text(token_id)
+            if self.o.chat:
+                choice.logprobs.append({"token": text, "logprob": _finite(logprob), "bytes": list(text.encode()),
+                                        "top_logprobs": [{"token": t.text, "logprob": _finite(t.logprob),
+                                                          "bytes": list(t.text.encode())} for t in top]})
+            else:
+                choice.logprobs.append((text, _finite(logprob), {t.text: _finite(t.logprob) for t in top}, offset))
+                offset += len(text)
+        return self._as_logprobs(choice.logprobs[start:])
+
+    def _whole_logprobs(self, choice: _Choice) -> dict:
+        return self._as_logprobs(choice.logprobs)
+
+    def _as_logprobs(self, entries: list) -> dict:
+        if self.o.chat:
+            return {"content": entries}
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
+
+
+def _before_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to its first stop sequence (the engine stopped on the token that completed it)."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def _finite(x: float) -> float:
+    """JSON has no -inf: a log-probability of zero probability (or a score) goes out as a very small number."""
+    return x if math.isfinite(x) else -1e30 if x < 0 else 1e30
+
+
+def score_response(model: str, prompt_ids, continuation_ids, logprobs, prompt_tokens: int,
+                   cached_tokens: int) -> dict:
+    return {"object": "score", "model": model, "prompt_ids": list(prompt_ids),
+            "continuation_ids": list(continuation_ids), "logprobs": [_finite(x) for x in logprobs],
+            "total_logprob": _finite(sum(logprobs)),
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
+
+
+def models(model: str, context_length: int, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "tokenloom",
+                                        "max_model_len": context_length}]}
