@@ -57,6 +57,55 @@ async def _closed_loop(address: str, requests: list[Request], concurrency: int, 
     return sorted(results, key=lambda r: r.index), t0, t1
 
 
+async def stream_one_http(client, model: str, req: Request, progress: Progress) -> RequestResult:
+    """The same request over the HTTP front, streamed with the `openai` package's AsyncOpenAI."""
+    import openai
+
+    result = RequestResult(req.index, time.perf_counter())
+    try:
+        stream = await client.completions.create(model=model, prompt=list(req.prompt_ids), stream=True,
+                                                 **req.openai_params())
+        async for chunk in stream:
+            progressed = bool((chunk.model_extra or {}).get("best_so_far"))
+            for choice in chunk.choices:
+                n = len(choice.token_ids or ())
+                result.tokens += n
+                progressed = progressed or n > 0
+            if progressed:
+                result.output_times.append(time.perf_counter())
+                progress(1)
+    except openai.APIError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.end = time.perf_counter()
+    return result
+
+
+async def _closed_loop_http(base_url: str, requests: list[Request], concurrency: int, progress: Progress):
+    import httpx
+    import openai
+
+    pending = iter(requests)
+    results: list[RequestResult] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=600,
+                                  http_client=httpx.AsyncClient(limits=limits, timeout=600)) as client:
+        model = (await client.models.list()).data[0].id
+
+        async def worker() -> None:
+            for req in pending:
+                results.append(await stream_one_http(client, model, req, progress))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
+        t1 = time.perf_counter()
+    return sorted(results, key=lambda r: r.index), t0, t1
+
+
+def closed_loop_http(base_url: str, requests: list[Request], concurrency: int, progress: Progress):
+    """`closed_loop` over the OpenAI-compatible HTTP front (server-sent events)."""
+    return asyncio.run(_closed_loop_http(base_url, requests, concurrency, progress))
+
+
 def closed_loop(address: str, requests: list[Request], concurrency: int, progress: Progress,
                 budget_s: float | None = None):
     """`concurrency` streams, each sending its next request as soon as its last one ends.

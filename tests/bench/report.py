@@ -15,6 +15,7 @@ SEQUENTIAL = "hf_sequential"
 NAMES = {
     "tokenloom": "tokenloom (gRPC)",
     "tokenloom_poisson": "tokenloom (gRPC, Poisson)",
+    "tokenloom_http": "tokenloom (HTTP, openai client)",
     "engine": "tokenloom engine only",
     SEQUENTIAL: "HF generate, one at a time",
     "hf_static": "HF generate, static batches",

@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="open-loop Poisson runs at these request rates per second (default 1.0; --quick none)")
     p.add_argument("--rate-requests", type=int, default=48, help="requests per Poisson run")
     p.add_argument("--server-args", default="", help="extra flags for `python -m tokenloom` (and the engine-only run)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["probes", "engine", "sequential", "static", "continuous"],
+    p.add_argument("--skip", nargs="*", default=[], choices=["probes", "engine", "http", "sequential", "static", "continuous"],
                    help="phases to leave out")
     p.add_argument("--sequential-budget", type=float, help="seconds for HF one at a time (default 90; --quick 20)")
     p.add_argument("--static-budget", type=float, help="seconds per static-batch level (default 150; --quick 40)")
@@ -206,6 +206,11 @@ class Bench:
                 self.memory.setdefault("repeats", []).append(summarize(results, t0, t1, c))
             else:
                 self.record("tokenloom", c, results, t0, t1, cpu.seconds)
+            if c == targets.TARGET_STREAMS and not repeat and "http" not in a.skip:
+                loadgen.closed_loop_http(server.http_url, warm_up_requests(reqs, c), c, _noop)
+                with self.bar(f"tokenloom HTTP c={c}", reqs) as bar, CpuClock(pid) as cpu:
+                    results, t0, t1 = loadgen.closed_loop_http(server.http_url, reqs, c, bar.update)
+                self.record("tokenloom_http", c, results, t0, t1, cpu.seconds)
         self.memory["after"] = rss_parts(pid)
         if "probes" not in a.skip:
             self._probes(address)

@@ -52,6 +52,15 @@ def check(runs: list[dict], probes: dict, memory: dict) -> list[dict]:
     else:
         out.append(_target(name, None, "not measured"))
 
+    http = _find(runs, "tokenloom_http", TARGET_STREAMS)
+    name = f"HTTP front overhead ≤ {MAX_OVERHEAD:.0%} over gRPC at {TARGET_STREAMS} streams"
+    if grpc and http:
+        overhead = http["seconds"] / grpc["seconds"] - 1
+        out.append(_target(name, overhead <= MAX_OVERHEAD, f"{overhead:+.1%} ({http['seconds']:.1f} s vs "
+                           f"{grpc['seconds']:.1f} s; {http['tok_per_s']:.1f} vs {grpc['tok_per_s']:.1f} tok/s)"))
+    else:
+        out.append(_target(name, None, "not measured"))
+
     chunk = probes.get("chunked_prefill")
     name = "a 512-token prompt delays decoding streams by ≤ one prefill chunk"
     out.append(_target(name, None, "not measured") if not chunk else _target(

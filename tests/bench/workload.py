@@ -81,6 +81,17 @@ class Request:
             params.update(num_beams=self.num_beams)
         return params
 
+    def openai_params(self) -> dict:
+        """The same request for the HTTP front's /v1/completions (OpenAI names; ours in extra_body).
+        top_k 50 is gRPC's default (HF's), which HTTP leaves off unless asked."""
+        extra = {"ignore_eos": True, "return_token_ids": True, "top_k": 50}
+        params = {"max_tokens": self.max_new_tokens, "temperature": 0, "extra_body": extra}
+        if self.mode == "sampled":
+            params.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        elif self.mode == "beam":
+            extra["num_beams"] = self.num_beams
+        return params
+
 
 @dataclass(frozen=True)
 class WorkloadSpec:

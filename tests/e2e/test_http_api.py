@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 
 import httpx
@@ -254,3 +255,26 @@ def test_http_and_grpc_requests_count_under_their_front(server, oai, model, grpc
                  - before.get("requests_finished_total", outcome="length", front=front))
         assert delta == 1, front
     assert math.isclose(after.finished("length") - before.finished("length"), 2)
+
+
+def test_sigterm_drains_http_like_grpc(tiny_dirs, tmp_path_factory):
+    """Open streams finish, new requests get 503 while the port still answers, and the process exits 0."""
+    with own_server(tiny_dirs["llama"], "http-drain", tmp_path_factory, "--grace-seconds", "20") as server:
+        body = {"prompt": PROMPT, "max_tokens": 80, "ignore_eos": True, "stream": True, "temperature": 0}
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", server.http_url + "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))
+                server.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while (health := client.get(server.http_url + "/health")).status_code == 200:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                assert health.status_code == 503
+                refused = client.post(server.http_url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+                assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+                rest = [line for line in lines if line.startswith("data:")]
+            assert rest[-1] == "data: [DONE]"
+            tokens = [json.loads(line[5:]) for line in rest[:-1]]
+            assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+        assert server.proc.wait(30) == 0
