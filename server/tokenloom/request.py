@@ -73,6 +73,8 @@ class GenerationRequest:
     # Scoring requests only: prompt_ids = prompt + continuation, and the continuation
     # starts at this index. Nothing is generated.
     score_from: int | None = None
+    # Resumed generation: tokens already generated, per sample index (fixed output; see the proto).
+    resume: tuple[tuple[int, ...], ...] = ()
 
     @property
     def max_len(self) -> int:

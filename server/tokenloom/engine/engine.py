@@ -213,7 +213,9 @@ class Engine:
             if kind == "add":
                 self._admitting = item
                 try:
-                    self._admit(item)
+                    ended = self._admit(item)
+                    if ended is not None:
+                        events.append(ended)
                 except Exception as exc:
                     log.exception("admitting request %s failed", item.request_id)
                     events.append(_final(item, FinishReason.ERROR, _describe(exc)))
@@ -229,14 +231,19 @@ class Engine:
         if events:
             self.publish(events)
 
-    def _admit(self, request: GenerationRequest) -> None:
-        self.add(SequenceGroup.from_request(next(self.context.seq_ids), request))
+    def _admit(self, request: GenerationRequest) -> TokenEvent | None:
+        return self.add(SequenceGroup.from_request(next(self.context.seq_ids), request))
 
-    def add(self, group: SequenceGroup) -> None:
-        """Take a request's group in now, in its mode. Engine thread only: other threads `submit`."""
-        self._live[group.request_id] = self._start(group, self.context)
+    def add(self, group: SequenceGroup) -> TokenEvent | None:
+        """Take a request's group in now, in its mode (engine thread only: other threads `submit`);
+        the final event of one that ends at once (a resumed request with nothing left to generate)."""
+        generation = self._start(group, self.context)
+        if generation.finished_at_start:
+            return generation.start_event()
+        self._live[group.request_id] = generation
         self.scheduler.add(group)
         self._unscheduled.add(group.request_id)
+        return None
 
     def _end(self, request_id: str, reason: FinishReason, error: str = "") -> TokenEvent:
         self._unscheduled.discard(request_id)

@@ -17,6 +17,7 @@ from .validation import (
     RawParams,
     check_exactly_one_input,
     check_prompt_ids,
+    check_resume,
     check_token_ids,
     resolve_params,
 )
@@ -27,6 +28,7 @@ class UserInput:
     prompt: str = ""
     messages: tuple[tuple[str, str], ...] = ()  # (role, content)
     input_ids: tuple[int, ...] = ()
+    resume: tuple[tuple[int, ...], ...] = ()  # tokens already generated, per sample index
 
 
 class Preprocessor:
@@ -40,8 +42,10 @@ class Preprocessor:
         check_prompt_ids(ids, self.vocab_size, self.limits)
         params = resolve_params(raw, len(ids), self.limits)
         check_token_ids("stop_token_ids", params.stop_token_ids, self.vocab_size)
+        check_resume(user.resume, params, self.vocab_size)
         return GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_ids=tuple(ids), params=params, arrival_time=time.monotonic()
+            request_id=uuid.uuid4().hex, prompt_ids=tuple(ids), params=params, arrival_time=time.monotonic(),
+            resume=user.resume,
         )
 
     def score(self, prompt: UserInput, continuation: str, continuation_ids: tuple[int, ...]) -> GenerationRequest:

@@ -169,6 +169,7 @@ def _user_input(request: pb.GenerateRequest) -> UserInput:
         prompt=request.prompt,
         messages=tuple((m.role, m.content) for m in request.messages),
         input_ids=tuple(request.input_ids),
+        resume=tuple(tuple(r.token_ids) for r in request.resume),
     )
 
 

@@ -110,6 +110,22 @@ def check_token_ids(field: str, ids: tuple[int, ...], vocab_size: int) -> None:
         raise InvalidArgument(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_resume(resume: tuple[tuple[int, ...], ...], params: SamplingParams, vocab_size: int) -> None:
+    """Tokens already generated (resumable generation): one list per sample, within max_new_tokens."""
+    if not resume:
+        return
+    if params.is_beam:
+        raise InvalidArgument("resume", "beam search is not resumable: send the request again without resume")
+    if len(resume) > params.num_return_sequences:
+        raise InvalidArgument("resume", f"{len(resume)} sequences given for num_return_sequences "
+                              f"{params.num_return_sequences}")
+    for i, ids in enumerate(resume):
+        if len(ids) > params.max_new_tokens:
+            raise InvalidArgument("resume", f"sequence {i} has {len(ids)} tokens, more than max_new_tokens "
+                                  f"({params.max_new_tokens})")
+        check_token_ids("resume", ids, vocab_size)
+
+
 def resolve_params(raw: RawParams, prompt_len: int, limits: Limits) -> SamplingParams:
     """Validate `raw` and apply HF `generate`'s defaults and length semantics."""
     params = SamplingParams(

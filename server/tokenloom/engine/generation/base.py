@@ -81,6 +81,12 @@ class Generation(ABC):
         """This step's outputs for this request's rows (their KV is in the store): the events to send.
         The request's last event has `final` set, and its sequences are finished by then."""
 
+    finished_at_start = False  # a resumed request whose every sequence had already ended
+
+    def start_event(self) -> TokenEvent | None:
+        """The final event of a request that ends as soon as it starts (`finished_at_start`), else None."""
+        return None
+
     def restart(self) -> None:
         """A preemption freed this request's KV; its sequences recompute from position 0."""
 

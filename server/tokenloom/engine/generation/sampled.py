@@ -5,6 +5,11 @@ The prompt is computed once. Its last position's logits feed the first token of 
 sharing its KV blocks, and each streams under its own `index`. Samples keep their tokens across
 a preemption: they recompute them, and a seeded draw depends only on (seed, index, k), so the
 tokens that follow are the ones an unpreempted request would have drawn.
+
+A resumed request (`request.resume`, tokens an interrupted stream already delivered) starts as a
+preempted one would restart: each sample still running gets a sequence holding its tokens (they
+are recomputed, then drawing goes on at the same positions, with the same numbers), and its
+detokenizer and stop checks have seen them, so text goes on exactly where the client's ended.
 """
 
 from __future__ import annotations
@@ -36,8 +41,42 @@ class SampledGeneration(Generation):
         p = self.params
         self.seed = p.seed if p.seed is not None else draws.fresh_seed()
         self.samples = [_Sample(i, context.text.stream()) for i in range(p.num_return_sequences)]
-        self.samples[0].seq = group.seqs[0]
-        self._by_seq = {group.seqs[0].seq_id: self.samples[0]}
+        if self.request.resume:
+            self._resume(group)
+        else:
+            self.samples[0].seq = group.seqs[0]
+        self._by_seq = {s.seq.seq_id: s for s in self.samples if s.seq is not None}
+
+    def _resume(self, group) -> None:
+        """Give each sample its resumed tokens; those they already end are finished, the others get
+        a sequence of the prompt and their tokens (the group's first, then new ones)."""
+        prompt = list(self.request.prompt_ids)
+        spare = [group.seqs[0]]
+        for sample in self.samples:
+            tokens = self.request.resume[sample.index] if sample.index < len(self.request.resume) else ()
+            reason = None
+            for k, token in enumerate(tokens):
+                delta = sample.detokenizer.add(token)
+                reason = self._stop(token, k + 1, sample.detokenizer.text, len(delta))
+                if reason is not None:
+                    sample.detokenizer.flush()
+                    sample.result = Hypothesis(tuple(tokens[: k + 1]), sample.detokenizer.text, 0.0, reason)
+                    break
+            if reason is None:
+                seq = spare.pop() if spare else Sequence(next(self.context.seq_ids), self.request, [])
+                seq.token_ids = prompt + list(tokens)
+                if seq is not group.seqs[0]:
+                    group.seqs.append(seq)
+                sample.seq = seq
+        if spare:  # every sample had ended: nothing to compute
+            self.finished_at_start = True
+
+    def _stop(self, token: int, num_generated: int, text: str, new_text_len: int):
+        p = self.params
+        return check_stop(
+            last_token=token, num_generated=num_generated, max_new_tokens=p.max_new_tokens,
+            eos_token_ids=self.eos_token_ids, text=text, new_text_len=new_text_len, stop_strings=p.stop_strings,
+        )
 
     def row(self, chunk: ScheduledChunk) -> Row:
         if not chunk.samples:
@@ -51,7 +90,7 @@ class SampledGeneration(Generation):
         """The samples a draw from `seq`'s logits is for: its own, plus, at the prompt's first
         token, every sample not forked yet."""
         own = self._by_seq[seq.seq_id]
-        if seq.num_generated:
+        if seq.num_generated or self.request.resume:  # resumed: each sample has its own sequence
             return [own]
         return [own] + [s for s in self.samples if s.seq is None]
 
@@ -76,11 +115,7 @@ class SampledGeneration(Generation):
         token = seq.token_ids[-1]
         sample.logprob_sum += logprob
         delta = sample.detokenizer.add(token)
-        reason = check_stop(
-            last_token=token, num_generated=seq.num_generated, max_new_tokens=p.max_new_tokens,
-            eos_token_ids=self.eos_token_ids, text=sample.detokenizer.text, new_text_len=len(delta),
-            stop_strings=p.stop_strings,
-        )
+        reason = self._stop(token, seq.num_generated, sample.detokenizer.text, len(delta))
         if reason is not None:
             delta += sample.detokenizer.flush()
             sample.result = Hypothesis(tuple(seq.generated_ids), sample.detokenizer.text, sample.logprob_sum, reason)
@@ -99,5 +134,13 @@ class SampledGeneration(Generation):
             generated_tokens=sum(len(h.token_ids) for h in hypotheses),
         )
 
+    def start_event(self) -> TokenEvent | None:
+        if not self.finished_at_start:
+            return None
+        hypotheses = tuple(s.result for s in self.samples)
+        return self.final_event(hypotheses[-1].finish_reason, hypotheses=hypotheses, index=len(hypotheses) - 1,
+                                generated_tokens=sum(len(h.token_ids) for h in hypotheses))
+
     def generated_tokens(self) -> int:
-        return sum(s.seq.num_generated for s in self.samples if s.seq is not None)
+        return sum(len(s.result.token_ids) if s.result is not None else s.seq.num_generated
+                   for s in self.samples if s.seq is not None or s.result is not None)
