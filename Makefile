@@ -10,7 +10,7 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install installed-here kernels proto prometheus serve test test-fast bench bench-quick bench-prefix bench-llamacpp profile soak clean \
+.PHONY: install installed-here kernels proto prometheus browser serve test test-fast bench bench-quick bench-prefix bench-llamacpp profile soak clean \
 	gpu-check gpu-check-prepare
 
 install: installed-here $(STAMP) proto kernels
@@ -56,13 +56,20 @@ prometheus:
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
 		|| echo "warning: could not install prometheus with apt-get; tests/e2e/test_prometheus.py will skip"
 
+# Debian's chromium and its driver, which tests/e2e/test_explorer.py drives (through Selenium) through the
+# decoding explorer page. Without apt (or root) this only warns, and that test skips saying why.
+browser:
+	@(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null) \
+		|| echo "warning: could not install chromium with apt-get; tests/e2e/test_explorer.py will skip"
+
 serve: install
 	$(PYTHON) -m tokenloom --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: install prometheus
+test: install prometheus browser
 	$(PYTHON) -m pytest -q -ra
 
-test-fast: install prometheus
+test-fast: install prometheus browser
 	$(PYTHON) -m pytest -q -ra -m "not slow"
 
 # The long soak (tests/e2e/test_soak.py runs a short one in CI): SOAK_ARGS="--requests 50000" for longer.
