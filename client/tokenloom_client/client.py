@@ -9,10 +9,16 @@ the server wants a bearer token (`token=`) that was missing or wrong.
 
 `tls=True` connects over TLS, trusting the system's root certificates, or
 `root_certificates` (PEM bytes, e.g. a self-signed server certificate), which implies TLS.
+
+`target` is one address, several (a list, or one string with commas), or a DNS name with many
+records (`dns:///name:port`): several replicas are balanced by gRPC's round_robin with health
+checking, and a stream broken by a dead replica resumes on another (failover.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +26,7 @@ import grpc
 
 from . import convert
 from .best_so_far import BestSoFar
+from .failover import FailoverStats, Resumption, channel_target, with_seed
 from .pb.tokenloom.v1 import generation_pb2 as pb
 from .pb.tokenloom.v1.generation_pb2_grpc import GenerationStub
 from .types import ChatMessage, GenerationResult, ModelInfo, ScoreResult, StreamChunk
@@ -66,19 +73,22 @@ class Client:
     `continuation_ids`, and returns the continuation's per-token and total log-probs.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, tls: bool = False,
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, tls: bool = False,
                  root_certificates: bytes | None = None, token: str | None = None,
                  timeout: float | None = None, metadata: Metadata | None = None) -> None:
         self._options = _call_options(timeout, metadata, token)
         credentials = _credentials(tls, root_certificates)
-        self._channel = (grpc.insecure_channel(target) if credentials is None
-                         else grpc.secure_channel(target, credentials))
+        target, options, self._balanced = channel_target(target)
+        self._channel = (grpc.insecure_channel(target, options) if credentials is None
+                         else grpc.secure_channel(target, credentials, options))
         self._stub = GenerationStub(self._channel)
+        self.failover = FailoverStats()
 
     def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
                  input_ids: Iterable[int] | None = None, request_id: str = "",
                  **params: Any) -> GenerationResult:
         request = convert.build_request(prompt, messages, input_ids, request_id, params)
+        request = with_seed(request) if self._balanced else request
         return convert.to_result(self._stub.GenerateUnary(request, **self._options))
 
     def stream(self, prompt: str | None = None, *, messages: Messages | None = None,
@@ -90,15 +100,22 @@ class Client:
         return self._stream(request)
 
     def _stream(self, request: pb.GenerateRequest) -> Iterator[StreamChunk]:
-        call = self._stub.Generate(request, **self._options)
-        best = BestSoFar()
-        try:
-            for response in call:
-                yield convert.to_chunk(response, best)
-        finally:
-            # Leaving the loop early must reach the server as a cancellation; otherwise
-            # the request keeps its engine rows until it finishes. A no-op once done.
-            call.cancel()
+        resumption = Resumption(request, self.failover, enabled=self._balanced)
+        while True:
+            call = self._stub.Generate(resumption.request, **self._options)
+            best = BestSoFar()
+            try:
+                for response in call:
+                    yield resumption.seen(convert.to_chunk(response, best))
+                return
+            except grpc.RpcError as exc:
+                if not resumption.retry(exc):
+                    raise
+                time.sleep(resumption.backoff)
+            finally:
+                # Leaving the loop early must reach the server as a cancellation; otherwise
+                # the request keeps its engine rows until it finishes. A no-op once done.
+                call.cancel()
 
     def score(self, prompt: str | None = None, continuation: str | None = None, *,
               prompt_ids: Iterable[int] | None = None,
@@ -128,19 +145,22 @@ class AsyncClient:
     Create it inside the running event loop. Use `async with` or `await close()`.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, tls: bool = False,
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, tls: bool = False,
                  root_certificates: bytes | None = None, token: str | None = None,
                  timeout: float | None = None, metadata: Metadata | None = None) -> None:
         self._options = _call_options(timeout, metadata, token)
         credentials = _credentials(tls, root_certificates)
-        self._channel = (grpc.aio.insecure_channel(target) if credentials is None
-                         else grpc.aio.secure_channel(target, credentials))
+        target, options, self._balanced = channel_target(target)
+        self._channel = (grpc.aio.insecure_channel(target, options) if credentials is None
+                         else grpc.aio.secure_channel(target, credentials, options))
         self._stub = GenerationStub(self._channel)
+        self.failover = FailoverStats()
 
     async def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
                        input_ids: Iterable[int] | None = None, request_id: str = "",
                        **params: Any) -> GenerationResult:
         request = convert.build_request(prompt, messages, input_ids, request_id, params)
+        request = with_seed(request) if self._balanced else request
         return convert.to_result(await self._stub.GenerateUnary(request, **self._options))
 
     def stream(self, prompt: str | None = None, *, messages: Messages | None = None,
@@ -153,13 +173,20 @@ class AsyncClient:
         return self._stream(request)
 
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[StreamChunk]:
-        call = self._stub.Generate(request, **self._options)
-        best = BestSoFar()
-        try:
-            async for response in call:
-                yield convert.to_chunk(response, best)
-        finally:
-            call.cancel()  # as in Client._stream: an abandoned stream frees its rows
+        resumption = Resumption(request, self.failover, enabled=self._balanced)
+        while True:
+            call = self._stub.Generate(resumption.request, **self._options)
+            best = BestSoFar()
+            try:
+                async for response in call:
+                    yield resumption.seen(convert.to_chunk(response, best))
+                return
+            except grpc.RpcError as exc:
+                if not resumption.retry(exc):
+                    raise
+                await asyncio.sleep(resumption.backoff)
+            finally:
+                call.cancel()  # as in Client._stream: an abandoned stream frees its rows
 
     async def score(self, prompt: str | None = None, continuation: str | None = None, *,
                     prompt_ids: Iterable[int] | None = None,

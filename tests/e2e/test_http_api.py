@@ -173,6 +173,12 @@ def test_bad_parameters_are_400_naming_the_body_field(oai, model, kwargs, param,
     assert body["message"].startswith(param + ":") and body["type"] == "invalid_request_error"
 
 
+def test_a_chat_error_names_the_chat_field(oai, model):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=model, messages=MESSAGES, logprobs=True, top_logprobs=50, max_tokens=2)
+    assert err.value.body["param"] == "top_logprobs" and err.value.body["message"].startswith("top_logprobs: ")
+
+
 def test_other_refusals_have_fitting_codes_and_count(server, oai, model):
     before = Scrape(server.metrics_url)
     with pytest.raises(openai.NotFoundError, match="this server serves"):

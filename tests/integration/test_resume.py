@@ -75,7 +75,9 @@ def harness(tiny_dirs):
 
 SETTINGS = {
     "greedy": dict(max_new_tokens=24, top_n=3, no_repeat_ngram_size=2, repetition_penalty=1.3),
-    "sampled": dict(max_new_tokens=24, do_sample=True, temperature=1.3, top_k=0, seed=11, num_return_sequences=2,
+    # top_k: not all of a random model's near-equal probabilities (a recomputed row may round a draw over one
+    # of their boundaries: docs/api.md#seeds).
+    "sampled": dict(max_new_tokens=24, do_sample=True, temperature=1.3, top_k=8, seed=11, num_return_sequences=2,
                     top_n=2, no_repeat_ngram_size=3),
 }
 

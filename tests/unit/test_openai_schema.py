@@ -74,6 +74,7 @@ def test_another_model_is_not_found():
 def test_our_validation_errors_are_renamed_to_the_body_fields():
     assert [oa.field_name(f) for f in ("max_new_tokens", "num_return_sequences", "stop_strings", "top_k")] == \
         ["max_tokens", "n", "stop", "top_k"]
+    assert (oa.field_name("top_n"), oa.field_name("top_n", chat=True)) == ("logprobs", "top_logprobs")
 
 
 def _events(*pieces, reason=FinishReason.STOP_STRING):

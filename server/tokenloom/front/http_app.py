@@ -102,17 +102,18 @@ class HttpFront:
         if isinstance(body, Response):
             return body
         run = self._run(method, self._client(request), body, parse)
+        chat = method == "ChatCompletions"
         try:
             options, request_id = await anext(run)  # admitted: from here on the answer is 200
         except CallError as exc:
-            return _error(exc)
+            return _error(exc, chat)
         responder = oa.Responder(options, request_id, self.token_text)
         if options.stream:
             return EventSourceResponse(_sse(run, responder), ping=PING_SECONDS, sep="\n")
         try:
             await _unless_disconnected(request, _consume(run, responder))
         except CallError as exc:
-            return _error(exc)
+            return _error(exc, chat)
         return JSONResponse(responder.response())
 
     async def _run(self, method: str, client: str, body: object, parse):
@@ -245,21 +246,21 @@ def _peer(request: Request) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-def _error_body(exc: CallError) -> dict:
+def _error_body(exc: CallError, chat: bool = False) -> dict:
     _, kind = _STATUS.get(exc.code, (500, "server_error"))
-    param = oa.field_name(exc.field) if exc.field else None
+    param = oa.field_name(exc.field, chat) if exc.field else None
     message = f"{param}: {exc.detail}" if exc.code == "INVALID_ARGUMENT" and param else exc.message
     return {"error": {"message": message, "type": kind, "param": param, "code": exc.limit or None}}
 
 
-def _error(exc: CallError) -> Response:
+def _error(exc: CallError, chat: bool = False) -> Response:
     status, _ = _STATUS.get(exc.code, (500, "server_error"))
     if exc.limit == "too_large":
         status = 400  # no retry helps: the request can never fit
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return JSONResponse(_error_body(exc), status_code=status, headers=headers)
+    return JSONResponse(_error_body(exc, chat), status_code=status, headers=headers)
 
 
 def _error_response(status: int, message: str, kind: str, code: str | None = None) -> Response:

@@ -80,8 +80,11 @@ _SCORE_FIELDS = {"model", "prompt", "messages", "prompt_ids", "continuation", "c
 _FINISH = {FinishReason.EOS: "stop", FinishReason.STOP_STRING: "stop", FinishReason.LENGTH: "length"}
 
 
-def field_name(ours: str) -> str:
-    """The HTTP body's name for a field that the shared validation names `ours`."""
+def field_name(ours: str, chat: bool = False) -> str:
+    """The HTTP body's name for a field that the shared validation names `ours` (chat asks for the
+    top-N as `top_logprobs`, completions as `logprobs`)."""
+    if chat and ours == "top_n":
+        return "top_logprobs"
     return _HTTP_NAMES.get(ours, ours)
 
 
