@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tokenloom", description="Generate text with a tokenloom server.")
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
     p.add_argument("--target", default=os.environ.get("TOKENLOOM_TARGET", DEFAULT_TARGET),
-                   help="server address (env TOKENLOOM_TARGET; default %(default)s)")
+                   help="server address (env TOKENLOOM_TARGET; default %(default)s); several replicas as "
+                        "'ip:port,ip:port' or 'dns:///name:port' are balanced, and a broken stream resumes on another")
     p.add_argument("--tls", action="store_true",
                    help="connect over TLS, trusting the system's root certificates (or --ca-cert)")
     p.add_argument("--ca-cert", metavar="PATH", help="PEM root certificate(s) to trust; implies --tls")
