@@ -97,6 +97,13 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
                          metavar="ID", help="end like EOS at token ID (repeatable)")
     shaping.add_argument("--ignore-eos", action="store_true", default=None,
                          help="do not stop at EOS (benchmarks)")
+    constrained = p.add_argument_group("constrained decoding (one of these)")
+    one = constrained.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", metavar="SCHEMA", help="the reply is JSON valid for SCHEMA (JSON text, or @FILE)")
+    one.add_argument("--json-object", action="store_true", help="the reply is a JSON object")
+    one.add_argument("--regex", metavar="RE", help="the whole reply matches RE")
+    one.add_argument("--grammar", metavar="LARK", help="the reply is a sentence of this Lark grammar (text, or @FILE)")
+    one.add_argument("--choice", action="append", metavar="TEXT", help="the reply is one of these (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,10 +143,28 @@ def _read_prompt(argument: str | None) -> str:
     return sys.stdin.read().removesuffix("\n")  # the newline `echo` adds is not prompt
 
 
+def _constraint(args: argparse.Namespace) -> dict | None:
+    def text(value: str) -> str:
+        return Path(value[1:]).read_text() if value.startswith("@") else value
+
+    if args.json_schema is not None:
+        return {"json_schema": text(args.json_schema)}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.grammar is not None:
+        return {"grammar": text(args.grammar)}
+    if args.choice:
+        return {"choice": args.choice}
+    return None
+
+
 def _request(args: argparse.Namespace, prompt: str) -> dict:
     params = {name: getattr(args, name) for name in _PARAMETERS}
     if args.early_stopping is not None:
         params["early_stopping"] = _EARLY_STOPPING[args.early_stopping]
+    params["constraint"] = _constraint(args)
     if args.raw:
         return {"prompt": prompt, **params}
     messages = [{"role": "system", "content": args.system}] if args.system else []

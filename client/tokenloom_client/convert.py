@@ -6,6 +6,7 @@ paths cannot drift apart.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, MutableSequence
 from typing import Any
 
@@ -63,6 +64,9 @@ def build_parameters(params: Mapping[str, Any]) -> pb.GenerationParameters:
             continue
         if name == "early_stopping":
             value = early_stopping(value)
+        if name == "constraint":
+            message.constraint.CopyFrom(constraint(value))
+            continue
         field = getattr(message, name)
         try:
             if isinstance(field, MutableSequence):
@@ -73,6 +77,25 @@ def build_parameters(params: Mapping[str, Any]) -> pb.GenerationParameters:
         except (TypeError, ValueError) as exc:  # protobuf's own message does not name the field
             raise type(exc)(f"generation parameter {name}={value!r}: {exc}") from exc
     return message
+
+
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+
+
+def constraint(value: Mapping[str, Any]) -> pb.Constraint:
+    """{"json_schema": schema (a dict or JSON text)} | {"json_object": True} | {"regex": str} |
+    {"grammar": Lark text} | {"choice": [str, ...]} -> the Constraint message."""
+    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in CONSTRAINT_KINDS:
+        raise ValueError(f"constraint must be a dict with one key of {', '.join(CONSTRAINT_KINDS)}, "
+                         f"e.g. {{'regex': '[0-9]+'}}; got {value!r}")
+    (kind, spec), = value.items()
+    if kind == "json_schema" and not isinstance(spec, str):
+        spec = json.dumps(spec)
+    if kind == "choice":
+        return pb.Constraint(choice=pb.Choice(options=list(spec)))
+    if kind == "json_object":
+        return pb.Constraint(json_object=bool(spec))
+    return pb.Constraint(**{kind: spec})
 
 
 def early_stopping(value: bool | str) -> int:

@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-beams", type=int, default=8, help="largest num_beams (capped at --max-num-seqs)")
     g.add_argument("--max-num-return-sequences", type=int, default=8,
                    help="largest num_return_sequences (capped at --max-num-seqs)")
+    g.add_argument("--max-constraint-bytes", type=int, default=65536,
+                   help="largest JSON schema, regex or grammar a request's constraint may carry")
+    g.add_argument("--max-grammar-size", type=int, default=200_000,
+                   help="what one constraint may compile to (grammar symbols); a bigger one is refused at once")
     g = p.add_argument_group("metrics")
     g.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics over HTTP; 0 disables")
     g.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint listens on")
@@ -187,7 +191,8 @@ def runtime_configs(args: argparse.Namespace) -> tuple[ModelSpec, CacheConfig, S
         max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
         max_stop_strings=args.max_stop_strings, max_stop_string_length=args.max_stop_string_length,
         max_model_len=args.max_model_len, max_num_beams=args.max_num_beams,
-        max_num_return_sequences=args.max_num_return_sequences,
+        max_num_return_sequences=args.max_num_return_sequences, max_constraint_bytes=args.max_constraint_bytes,
+        max_grammar_size=args.max_grammar_size,
     )
     return spec, cache_cfg, sched_cfg, limits
 

@@ -27,6 +27,15 @@ class FinishReason(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What every generated sequence must be a sentence of: `kind` is json_schema, json_object, regex,
+    grammar or choice; `text` the schema, regex or Lark grammar (for choice: a JSON list of strings)."""
+
+    kind: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Decoding parameters after validation and defaulting (HF `generate` names).
 
@@ -53,6 +62,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     top_n: int = 0
+    constraint: Constraint | None = None
 
     @property
     def is_beam(self) -> bool:

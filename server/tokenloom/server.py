@@ -26,6 +26,7 @@ from .front.clients import TokensFile
 from .front.decoding import MalformedRequestInterceptor
 from .front.identity import Identify
 from .engine.block_manager import BlockManager
+from .engine.grammar import Grammars
 from .engine import generation
 from .engine.engine import Engine
 from .engine.engine_thread import EngineThread
@@ -124,7 +125,8 @@ class Runtime:
         vocab = model.get_output_embeddings().weight.shape[0]  # read before `prepare` takes the weights
         self.model = model_impl.prepare(loaded)
         log.info("model: %s code, quantization %s", self.model.impl, self.model.quantization)
-        self.preprocessor = Preprocessor(loaded.tokenizer, vocab, self.limits)
+        self.grammars = Grammars(loaded.tokenizer, vocab, limits.max_grammar_size)
+        self.preprocessor = Preprocessor(loaded.tokenizer, vocab, self.limits, self.grammars)
         self.served = servicer.ServedModel(
             name=loaded.name,
             model_type=config.model_type,
@@ -148,7 +150,7 @@ class Runtime:
 
     def engine(self, publish, metrics: Metrics | None = None, faults: FaultPlan | None = None, on_exit=None) -> Engine:
         runner = ModelRunner(self.model.model, self.cache, self.cache.kv.device, decode_kernel=self.decode_kernel)
-        context = GenerationContext(TokenText(self.loaded.tokenizer), self.eos_token_ids, self.seq_ids)
+        context = GenerationContext(TokenText(self.loaded.tokenizer), self.eos_token_ids, self.seq_ids, self.grammars)
         start = (faults or FaultPlan()).wrap(generation.start)
         return Engine(runner, self.scheduler, context, publish, metrics=metrics, on_exit=on_exit, start=start)
 

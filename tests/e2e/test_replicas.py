@@ -166,10 +166,12 @@ def test_a_draining_replica_gets_no_new_calls_and_finishes_its_streams(replicas)
 
     async def run():
         async with AsyncClient(targets, timeout=120) as client:
-            params = dict(input_ids=list(range(500, 520)), max_new_tokens=120, ignore_eos=True)
+            params = dict(input_ids=list(range(500, 520)), max_new_tokens=400, ignore_eos=True)
             before = [asyncio.ensure_future(_collect(client, {**params, "request_id": f"before{i}"}, [0]))
-                      for i in range(2 * len(alive))]
-            await asyncio.sleep(1.0)  # every replica has streams open
+                      for i in range(4 * len(alive))]
+            while Scrape(draining.metrics_url).running < 1:  # the replica to drain has streams open
+                assert not any(f.done() for f in before), "the streams ended before the drain began"
+                await asyncio.sleep(0.01)
             draining.proc.send_signal(signal.SIGTERM)
             while await asyncio.to_thread(_health, draining.address) == health_pb2.HealthCheckResponse.SERVING:
                 await asyncio.sleep(0.02)
@@ -179,7 +181,7 @@ def test_a_draining_replica_gets_no_new_calls_and_finishes_its_streams(replicas)
             return await asyncio.gather(*before), after, client.failover
 
     before, after, stats = asyncio.run(run())
-    assert all(len(r["hypotheses"][0].token_ids) == 120 for r in before)
+    assert all(len(r["hypotheses"][0].token_ids) == 400 for r in before)
     assert all(len(r["hypotheses"][0].token_ids) == 4 for r in after)
     assert stats.resumed_streams == 0  # the draining replica's streams finished there
     assert draining.proc.wait(30) == 0

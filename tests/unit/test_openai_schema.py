@@ -127,3 +127,25 @@ def test_beams_stream_the_best_so_far_then_each_hypothesis_with_its_score():
     assert [c["choices"][0]["delta"]["content"] for c in last[:2]] == ["ac", "ab"]
     assert [c["choices"][0]["score"] for c in last[:2]] == [-0.5, -1e30]  # JSON has no -inf
     assert last[2]["usage"]["total_tokens"] == 4 and last[2]["choices"] == []
+
+
+def test_response_format_and_guided_fields_become_our_constraint():
+    from tokenloom.request import Constraint
+
+    msgs = [{"role": "user", "content": "hi"}]
+    schema = {"type": "object"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    assert oa.parse_chat({"messages": msgs, "response_format": fmt}, MODEL).raw.constraint == \
+        Constraint("json_schema", '{"type": "object"}')
+    assert oa.parse_chat({"messages": msgs, "response_format": {"type": "json_object"}}, MODEL).raw.constraint == \
+        Constraint("json_object")
+    assert oa.parse_chat({"messages": msgs, "response_format": {"type": "text"}}, MODEL).raw.constraint is None
+    assert oa.parse_completion({"prompt": "a", "guided_choice": ["x", "y"]}, MODEL).raw.constraint == \
+        Constraint("choice", '["x", "y"]')
+    assert oa.parse_completion({"prompt": "a", "guided_regex": "a+"}, MODEL).raw.constraint == Constraint("regex", "a+")
+    for bad, field in (({"response_format": {"type": "xml"}}, "response_format"),
+                       ({"guided_choice": []}, "guided_choice"),
+                       ({"guided_regex": "a", "guided_grammar": "start: A"}, "response_format")):
+        with pytest.raises(InvalidArgument) as err:
+            oa.parse_completion({"prompt": "a", **bad}, MODEL)
+        assert err.value.field == field

@@ -309,10 +309,11 @@ def _fields(cls) -> dict:
 
 
 def _optional_in_proto() -> list[str]:
-    """The parameters with explicit presence (proto3 `optional`), read from the contract itself."""
+    """The scalar parameters with explicit presence (proto3 `optional`), read from the contract itself
+    (the one message field, `constraint`, has a test of its own)."""
     from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
 
-    return [f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.has_presence]
+    return [f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.has_presence and f.message_type is None]
 
 
 def test_every_optional_parameter_of_the_proto_is_a_raw_param_that_defaults_to_unset():
@@ -346,3 +347,22 @@ def test_model_info_reports_every_request_ceiling_under_its_own_name():
     unknown = [name for name in _REQUEST_LIMITS if name not in _fields(Limits)]
     assert not unknown, f"pb.Limits fields that validation.Limits lacks: {unknown}"
     assert sorted((*_REQUEST_LIMITS, *_SERVER_LIMITS)) == sorted(reported)
+
+
+def test_the_servicer_maps_each_constraint_kind():
+    from tokenloom.front.servicer import _raw_params
+    from tokenloom.request import Constraint
+    from tokenloom_client.pb.tokenloom.v1 import generation_pb2 as pb
+
+    def raw(**kind):
+        return _raw_params(pb.GenerationParameters(constraint=pb.Constraint(**kind))).constraint
+
+    assert _raw_params(pb.GenerationParameters()).constraint is None
+    assert raw(json_schema='{"type": "object"}') == Constraint("json_schema", '{"type": "object"}')
+    assert raw(json_object=True) == Constraint("json_object")
+    assert raw(regex="a+") == Constraint("regex", "a+")
+    assert raw(grammar="start: A") == Constraint("grammar", "start: A")
+    assert raw(choice=pb.Choice(options=["a", "b"])) == Constraint("choice", '["a", "b"]')
+    for bad in ({}, {"choice": pb.Choice(options=["a", ""])}):
+        with pytest.raises(InvalidArgument, match="constraint"):
+            raw(**bad)

@@ -28,6 +28,9 @@ class SampleSpec:
     # whose n samples all start from its one forward draws n times from the same logits.
     uniforms: tuple[float | None, ...] = (None,)
     beam_width: int = 0  # > 0: no draw; return this many (token, processed log-prob) candidates
+    # Constrained rows: a future of the allowed tokens' int32 bitmask (bit t of word t // 32), filled by
+    # the grammar thread while the model runs (engine/grammar.py); None: every token is allowed.
+    allowed: object = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ vocabulary sort unless some row disables top-k, and no `torch.multinomial`.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..engine.batch import RowOutput, SampleSpec
@@ -24,6 +25,30 @@ def penalty_context(spec: SampleSpec) -> RowContext:
         no_repeat_ngram_size=p.no_repeat_ngram_size, min_new_tokens=p.min_new_tokens,
         eos_token_ids=spec.eos_token_ids,
     )
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _constrain(processed: torch.Tensor, logits: torch.Tensor, allowed: list, rows: list[int],
+               sources: list[int]) -> torch.Tensor:
+    """Constrained rows keep only their allowed tokens (the grammar thread's bitmasks, waited for here,
+    after the forward). The mask is -inf where a token is not allowed, so it commutes with the penalties
+    applied before it; a row whose penalties left no allowed token finite (n-gram blocking can ban the
+    only one) falls back to its allowed tokens' unpenalised logits."""
+    if processed is logits:
+        processed = processed.clone()
+    vocab = processed.shape[-1]
+    words = torch.from_numpy(np.stack([f.result() for f in allowed]))  # [rows, words] int32
+    bits = ((words.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :vocab].to(processed.device)
+    index = torch.tensor(rows, device=processed.device)
+    masked = processed[index].masked_fill(bits == 0, float("-inf"))
+    dead = ~torch.isfinite(masked.max(dim=-1).values)
+    if dead.any():
+        fallback = logits[torch.tensor(sources, device=logits.device)].masked_fill(bits == 0, float("-inf"))
+        masked[dead] = fallback[dead]
+    processed[index] = masked
+    return processed
 
 
 class Sampler:
@@ -73,6 +98,10 @@ class Sampler:
             processed = apply_penalties(logits, contexts, inplace=False)  # [drawn, vocab]
         else:
             processed = apply_penalties(logits[drawn], contexts)
+        constrained = [pos for pos, i in enumerate(drawn) if specs[i].allowed is not None]
+        if constrained:
+            processed = _constrain(processed, logits, [specs[drawn[pos]].allowed for pos in constrained], constrained,
+                                   [drawn[pos] for pos in constrained])
         # One line per draw: a prompt with n samples is drawn n times from its one row.
         line_row = [pos for pos, i in enumerate(drawn) for _ in specs[i].uniforms]
         line_uniform = [u for i in drawn for u in specs[i].uniforms]

@@ -16,11 +16,12 @@ Semantics (docs/http.md says the same for users):
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
 
-from ..request import FinishReason, Hypothesis, TokenEvent
+from ..request import Constraint, FinishReason, Hypothesis, TokenEvent
 from .preprocessor import UserInput
 from .validation import InvalidArgument, RawParams
 
@@ -33,6 +34,7 @@ _HTTP_NAMES = {
     "stop_strings": "stop",
     "top_n": "logprobs",
     "min_new_tokens": "min_tokens",
+    "constraint": "response_format",
     "input_ids": "prompt",
     "continuation_ids": "continuation_ids",
 }
@@ -49,7 +51,6 @@ _UNSUPPORTED = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
     "echo": (None, False),
     "suffix": (None, ""),
 }
@@ -70,8 +71,11 @@ _EXTRA = {
     "min_tokens": ("min_new_tokens", int),
     "ignore_eos": ("ignore_eos", bool),
 }
+# Constrained decoding beyond response_format, under vLLM's names: body name -> our constraint kind.
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
-           "logprobs", "best_of", "early_stopping", "stop_token_ids", "return_token_ids",
+           "logprobs", "best_of", "early_stopping", "stop_token_ids", "return_token_ids", "response_format", *_GUIDED,
            *_IGNORED, *_UNSUPPORTED, *_EXTRA}
 _COMPLETION_FIELDS = _COMMON | {"prompt"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -211,11 +215,44 @@ def _parse(body: dict, served_model: str, user: UserInput, *, chat: bool, top_n:
         early_stopping=False if early is None else early,
         stop_token_ids=_ids(body, "stop_token_ids"),
         top_n=top_n,
+        constraint=_constraint(body),
     )
     options = Options(chat=chat, model=served_model, stream=stream, include_usage=include_usage,
                       logprobs=want_logprobs, return_token_ids=bool(_typed(body, "return_token_ids", bool)),
                       beams=num_beams > 1, stop=raw.stop_strings)
     return ParsedRequest(user, raw, options)
+
+
+def _constraint(body: dict) -> Constraint | None:
+    """`response_format` (json_object, json_schema) or one of the guided_* fields -> our constraint."""
+    found = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise InvalidArgument("response_format", 'must be {"type": "text" | "json_object" | "json_schema"}')
+        if fmt["type"] == "json_object":
+            found.append(Constraint("json_object"))
+        elif fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise InvalidArgument("response_format", 'json_schema needs {"name": ..., "schema": {...}}')
+            found.append(Constraint("json_schema", json.dumps(spec["schema"])))
+    for name, kind in _GUIDED.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if kind == "json_schema" and isinstance(value, dict):
+            value = json.dumps(value)
+        elif kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise InvalidArgument(name, "must be a non-empty list of non-empty strings")
+            value = json.dumps(value)
+        elif not isinstance(value, str):
+            raise InvalidArgument(name, "must be a string")
+        found.append(Constraint(kind, value))
+    if len(found) > 1:
+        raise InvalidArgument("response_format", "give one constraint: response_format or one guided_* field")
+    return found[0] if found else None
 
 
 def _object(body: object, known: set[str]) -> dict:

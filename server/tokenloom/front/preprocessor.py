@@ -32,10 +32,13 @@ class UserInput:
 
 
 class Preprocessor:
-    def __init__(self, tokenizer, vocab_size: int, limits: Limits):
+    """`grammars` compiles constraints (engine/grammar.py's Grammars); None: constraints are refused."""
+
+    def __init__(self, tokenizer, vocab_size: int, limits: Limits, grammars=None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.limits = limits
+        self.grammars = grammars
 
     def __call__(self, user: UserInput, raw: RawParams) -> GenerationRequest:
         ids = self.prompt_ids(user)
@@ -43,6 +46,8 @@ class Preprocessor:
         params = resolve_params(raw, len(ids), self.limits)
         check_token_ids("stop_token_ids", params.stop_token_ids, self.vocab_size)
         check_resume(user.resume, params, self.vocab_size)
+        if params.constraint is not None:
+            self._compile(params.constraint)
         return GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_ids=tuple(ids), params=params, arrival_time=time.monotonic(),
             resume=user.resume,
@@ -68,6 +73,15 @@ class Preprocessor:
             request_id=uuid.uuid4().hex, prompt_ids=tuple(ids + cont), params=SamplingParams(max_new_tokens=1),
             arrival_time=time.monotonic(), score_from=len(ids),
         )
+
+    def _compile(self, constraint) -> None:
+        """Before the request is admitted: a constraint the grammar engine cannot compile is the user's error."""
+        if self.grammars is None:
+            raise InvalidArgument("constraint", "this server has no grammar engine")
+        try:
+            self.grammars.check(constraint)
+        except ValueError as exc:  # grammar.ConstraintError
+            raise InvalidArgument("constraint", f"the {constraint.kind} does not compile: {exc}") from None
 
     def prompt_ids(self, user: UserInput) -> list[int]:
         check_exactly_one_input(bool(user.prompt), bool(user.messages), bool(user.input_ids))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
@@ -15,7 +16,7 @@ from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc as pb_grpc
 
 from .gateway import CallError, Gateway
 from .preprocessor import UserInput
-from ..request import BestUpdate, FinishReason, GenerationOutput, Hypothesis, TokenEvent, TopToken
+from ..request import BestUpdate, Constraint, FinishReason, GenerationOutput, Hypothesis, TokenEvent, TopToken
 from .validation import InvalidArgument, RawParams
 
 log = logging.getLogger(__name__)
@@ -191,12 +192,27 @@ def _raw_params(p: pb.GenerationParameters) -> RawParams:
         raise InvalidArgument("early_stopping", f"unknown value {p.early_stopping}")
     return RawParams(
         **optional,
+        constraint=_constraint(p) if p.HasField("constraint") else None,
         do_sample=p.do_sample,
         stop_strings=tuple(p.stop_strings),
         early_stopping=_EARLY_STOPPING[p.early_stopping],
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
     )
+
+
+def _constraint(p: pb.GenerationParameters) -> Constraint:
+    c = p.constraint
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("constraint", "set one of json_schema, json_object, regex, grammar, choice")
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind == "choice":
+        if not c.choice.options or not all(c.choice.options):
+            raise InvalidArgument("constraint", "choice needs at least one option, none of them empty")
+        return Constraint("choice", json.dumps(list(c.choice.options)))
+    return Constraint(kind, getattr(c, kind))
 
 
 def _top_tokens(alternatives: tuple[TopToken, ...]) -> pb.TopTokens:

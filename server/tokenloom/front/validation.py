@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..request import SamplingParams
+from ..request import Constraint, SamplingParams
 
 
 MAX_LENGTH_PENALTY = 10.0
@@ -41,6 +41,8 @@ class Limits:
     max_num_return_sequences: int = 8
     max_top_n: int = 20
     max_stop_token_ids: int = 16
+    max_constraint_bytes: int = 65536  # a JSON schema, regex or grammar's text (--max-constraint-bytes)
+    max_grammar_size: int = 200_000  # what one constraint may compile to, in grammar symbols (--max-grammar-size)
 
     def resolved(self, model_context_length: int, max_num_seqs: int) -> Limits:
         """These limits for a model whose context length is `model_context_length`, served `max_num_seqs`
@@ -79,6 +81,10 @@ class RawParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     top_n: int | None = None
+    constraint: Constraint | None = None
+
+
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 
 
 def check_exactly_one_input(has_prompt: bool, has_messages: bool, has_ids: bool) -> None:
@@ -150,6 +156,7 @@ def resolve_params(raw: RawParams, prompt_len: int, limits: Limits) -> SamplingP
         stop_token_ids=_stop_token_ids(raw, limits),
         ignore_eos=raw.ignore_eos,
         top_n=_bounded_int(raw.top_n, "top_n", 0, 0, limits.max_top_n),
+        constraint=_constraint(raw.constraint, limits),
     )
     _check_combinations(params)
     return params
@@ -165,7 +172,8 @@ def _check_combinations(p: SamplingParams) -> None:
                 "num_return_sequences",
                 f"num_return_sequences ({p.num_return_sequences}) must be <= num_beams ({p.num_beams})",
             )
-        for field, unsupported in (("stop_strings", p.stop_strings), ("top_n", p.top_n)):
+        for field, unsupported in (("stop_strings", p.stop_strings), ("top_n", p.top_n),
+                                   ("constraint", p.constraint)):
             if unsupported:
                 raise InvalidArgument(field, f"{field} is not supported with beam search (num_beams > 1)")
     elif p.num_return_sequences > 1 and not p.do_sample:
@@ -173,6 +181,20 @@ def _check_combinations(p: SamplingParams) -> None:
             "num_return_sequences",
             "greedy decoding returns one sequence; set do_sample=true for several samples or num_beams for beams",
         )
+
+
+def _constraint(c: Constraint | None, limits: Limits) -> Constraint | None:
+    """The constraint's shape; whether the grammar engine can compile it is the preprocessor's check."""
+    if c is None:
+        return None
+    if c.kind not in CONSTRAINT_KINDS:
+        raise InvalidArgument("constraint", f"unknown kind {c.kind!r}; one of {', '.join(CONSTRAINT_KINDS)}")
+    if c.kind != "json_object" and not c.text:
+        raise InvalidArgument("constraint", f"the {c.kind} is empty")
+    if len(c.text.encode()) > limits.max_constraint_bytes:
+        raise InvalidArgument("constraint", f"the {c.kind} has {len(c.text.encode())} bytes; at most "
+                              f"{limits.max_constraint_bytes} are allowed (--max-constraint-bytes)")
+    return c
 
 
 def _bounded_int(value: int | None, field: str, default: int, low: int, high: int) -> int:

@@ -45,11 +45,13 @@ class TokenText:
 
 @dataclass(frozen=True)
 class GenerationContext:
-    """What every mode shares: the tokenizer, the model's EOS ids and the sequence id counter."""
+    """What every mode shares: the tokenizer, the model's EOS ids, the sequence id counter, and the
+    grammar engine of constrained requests (engine/grammar.py)."""
 
     text: TokenText
     eos_token_ids: frozenset[int]
     seq_ids: Iterator[int]
+    grammars: object | None = None  # a grammar.Grammars
 
 
 class Generation(ABC):
@@ -101,8 +103,10 @@ class Generation(ABC):
 
     # -- for the modes -------------------------------------------------------------------
 
-    def spec(self, seq: Sequence, uniforms: tuple[float | None, ...] = (None,), beam_width: int = 0) -> SampleSpec:
-        return SampleSpec(self.params, seq.token_ids, seq.prompt_len, self.eos_token_ids, uniforms, beam_width)
+    def spec(self, seq: Sequence, uniforms: tuple[float | None, ...] = (None,), beam_width: int = 0,
+             allowed=None) -> SampleSpec:
+        return SampleSpec(self.params, seq.token_ids, seq.prompt_len, self.eos_token_ids, uniforms, beam_width,
+                          allowed)
 
     def top_tokens(self, top: list[tuple[int, float]]) -> tuple[TopToken, ...]:
         return tuple(TopToken(t, self.context.text.token(t), logprob) for t, logprob in top)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...request import Hypothesis, TokenEvent
+from ...request import FinishReason, Hypothesis, TokenEvent
 from .. import draws
 from ..batch import Row, RowOutput
 from ..detokenizer import IncrementalDetokenizer
@@ -33,6 +33,7 @@ class _Sample:
     seq: Sequence | None = None  # None until forked from the prompt's first draw
     logprob_sum: float = 0.0
     result: Hypothesis | None = None  # set when the sample ends
+    matcher: object | None = None  # a grammar.Matcher: where a constrained sample is in its constraint
 
 
 class SampledGeneration(Generation):
@@ -41,6 +42,9 @@ class SampledGeneration(Generation):
         p = self.params
         self.seed = p.seed if p.seed is not None else draws.fresh_seed()
         self.samples = [_Sample(i, context.text.stream()) for i in range(p.num_return_sequences)]
+        if p.constraint is not None:
+            for sample in self.samples:
+                sample.matcher = context.grammars.matcher(p.constraint)
         if self.request.resume:
             self._resume(group)
         else:
@@ -57,7 +61,7 @@ class SampledGeneration(Generation):
             reason = None
             for k, token in enumerate(tokens):
                 delta = sample.detokenizer.add(token)
-                reason = self._stop(token, k + 1, sample.detokenizer.text, len(delta))
+                reason = self._stop(token, k + 1, sample.detokenizer.text, len(delta), sample)
                 if reason is not None:
                     sample.detokenizer.flush()
                     sample.result = Hypothesis(tuple(tokens[: k + 1]), sample.detokenizer.text, 0.0, reason)
@@ -71,12 +75,17 @@ class SampledGeneration(Generation):
         if spare:  # every sample had ended: nothing to compute
             self.finished_at_start = True
 
-    def _stop(self, token: int, num_generated: int, text: str, new_text_len: int):
+    def _stop(self, token: int, num_generated: int, text: str, new_text_len: int, sample: _Sample):
         p = self.params
-        return check_stop(
+        reason = check_stop(
             last_token=token, num_generated=num_generated, max_new_tokens=p.max_new_tokens,
             eos_token_ids=self.eos_token_ids, text=text, new_text_len=new_text_len, stop_strings=p.stop_strings,
         )
+        if sample.matcher is not None and token not in self.eos_token_ids:
+            sample.matcher.accept(token)
+            if reason is None and sample.matcher.complete:
+                reason = FinishReason.EOS  # the constraint is complete: only the end may follow
+        return reason
 
     def row(self, chunk: ScheduledChunk) -> Row:
         if not chunk.samples:
@@ -84,7 +93,9 @@ class SampledGeneration(Generation):
         drawing = self._drawing(chunk.seq)
         k = chunk.seq.num_generated
         uniforms = tuple(draws.uniform(self.seed, s.index, k) if self.params.do_sample else None for s in drawing)
-        return Row.of(chunk, sample=self.spec(chunk.seq, uniforms))
+        # Samples drawn from one row are at the same place in the constraint (the prompt's end).
+        allowed = drawing[0].matcher.mask() if drawing[0].matcher is not None else None
+        return Row.of(chunk, sample=self.spec(chunk.seq, uniforms, allowed=allowed))
 
     def _drawing(self, seq: Sequence) -> list[_Sample]:
         """The samples a draw from `seq`'s logits is for: its own, plus, at the prompt's first
@@ -115,7 +126,7 @@ class SampledGeneration(Generation):
         token = seq.token_ids[-1]
         sample.logprob_sum += logprob
         delta = sample.detokenizer.add(token)
-        reason = self._stop(token, seq.num_generated, sample.detokenizer.text, len(delta))
+        reason = self._stop(token, seq.num_generated, sample.detokenizer.text, len(delta), sample)
         if reason is not None:
             delta += sample.detokenizer.flush()
             sample.result = Hypothesis(tuple(seq.generated_ids), sample.detokenizer.text, sample.logprob_sum, reason)
