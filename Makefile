@@ -10,7 +10,7 @@ PB_OUT := client/tokenloom_client/pb
 PB_SRC := $(wildcard proto/tokenloom/v1/*.proto)
 STAMP := .make/install.stamp
 
-.PHONY: install installed-here kernels proto prometheus browser serve test test-fast bench bench-quick bench-prefix bench-llamacpp profile soak clean \
+.PHONY: install installed-here kernels proto prometheus browser serve test test-fast bench bench-quick bench-prefix bench-llamacpp bench-constrained profile soak clean \
 	gpu-check gpu-check-prepare
 
 install: installed-here $(STAMP) proto kernels
@@ -94,6 +94,10 @@ bench-prefix: install
 	$(PYTHON) tests/bench/prefix.py $(BENCH_ARGS)
 
 # A smoke run of the same (~2 min): small levels, short requests.
+# 32 streams with 8 constrained to a JSON schema vs the same 32 free: the per-step cost of constraints.
+bench-constrained: install
+	$(PYTHON) tests/bench/constrained.py $(BENCH_ARGS)
+
 bench-quick: install
 	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PYTHON) tests/bench/run.py --quick $(BENCH_ARGS)

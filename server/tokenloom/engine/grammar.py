@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
@@ -36,6 +38,16 @@ class ConstraintError(ValueError):
     """The constraint does not compile: the grammar engine's own message."""
 
 
+@dataclass
+class MaskStats:
+    """What constrained rows cost: masks filled, the grammar thread's time filling them, and the part of
+    it the sampler waited for after the forward (the rest overlapped the model)."""
+
+    masks: int = 0
+    fill_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+
 class Grammars:
     """The grammar engine over one model's tokenizer; thread-safe (the front compiles, the engine
     thread takes matchers). `max_grammar_size` bounds what one constraint may compile to."""
@@ -49,6 +61,7 @@ class Grammars:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="tokenloom-grammar")
+        self.stats = MaskStats()
 
     def check(self, constraint: Constraint) -> None:
         """Compile `constraint` (kept in the cache), or raise ConstraintError saying why it cannot be."""
@@ -103,14 +116,18 @@ class Matcher:
         self._m = matcher
         self._grammars = grammars
 
-    def mask(self) -> Future:
-        """The allowed next tokens, computed by the grammar thread: a future of an int32 bitmask
-        (bit t of word t // 32 set: token t allowed)."""
-        return self._grammars.pool.submit(self._fill)
+    def mask(self) -> "PendingMask":
+        """The allowed next tokens, computed by the grammar thread from now on: its `result()` is an
+        int32 bitmask (bit t of word t // 32 set: token t allowed)."""
+        return PendingMask(self._grammars.pool.submit(self._fill), self._grammars.stats)
 
     def _fill(self):
+        started = time.perf_counter()
         bitmask = llnp.allocate_token_bitmask(1, self._grammars.vocab_size)
         llnp.fill_next_token_bitmask(self._m, bitmask, 0)
+        stats = self._grammars.stats
+        stats.masks += 1
+        stats.fill_seconds += time.perf_counter() - started
         return bitmask[0]
 
     def accept(self, token: int) -> None:
@@ -125,3 +142,17 @@ class Matcher:
     def complete(self) -> bool:
         """Nothing may follow but the end of the sequence."""
         return self._m.is_stopped()
+
+
+class PendingMask:
+    """A mask being filled; `result()` waits for it (the sampler, after the forward) and counts the wait."""
+
+    def __init__(self, future: Future, stats: MaskStats):
+        self._future = future
+        self._stats = stats
+
+    def result(self):
+        started = time.perf_counter()
+        bits = self._future.result()
+        self._stats.wait_seconds += time.perf_counter() - started
+        return bits
