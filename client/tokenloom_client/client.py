@@ -109,6 +109,8 @@ class Client:
                     yield resumption.seen(convert.to_chunk(response, best))
                 return
             except grpc.RpcError as exc:
+                if resumption.enabled and resumption.finished:
+                    return  # the final message arrived before the break: the stream is whole
                 if not resumption.retry(exc):
                     raise
                 time.sleep(resumption.backoff)
@@ -182,6 +184,8 @@ class AsyncClient:
                     yield resumption.seen(convert.to_chunk(response, best))
                 return
             except grpc.RpcError as exc:
+                if resumption.enabled and resumption.finished:
+                    return  # the final message arrived before the break: the stream is whole
                 if not resumption.retry(exc):
                     raise
                 await asyncio.sleep(resumption.backoff)

@@ -103,12 +103,15 @@ class Resumption:
         self.resumed_logprobs: dict[int, float] = {}  # ... over the tokens sent as resume
         self.attempts = 0
         self.broken_at: float | None = None
+        self.finished = False  # the final message arrived: a break after it loses nothing
 
     def seen(self, chunk: StreamChunk) -> StreamChunk:
         """Record a chunk; the final one's hypotheses get the scores of the tokens sent before a resume."""
         if self.broken_at is not None:
             self.stats.resume_seconds.append(time.monotonic() - self.broken_at)
             self.broken_at = None
+        if chunk.usage is not None:
+            self.finished = True
         if not chunk.provisional:
             self.tokens.setdefault(chunk.index, []).extend(chunk.token_ids)
             self.logprobs[chunk.index] = self.logprobs.get(chunk.index, 0.0) + sum(chunk.logprobs)
@@ -121,6 +124,8 @@ class Resumption:
     def retry(self, error: grpc.RpcError) -> bool:
         """Whether to send the stream again after `error`; if so, `request` is what to send."""
         if not self.enabled or error.code() != grpc.StatusCode.UNAVAILABLE or self.attempts >= MAX_RESUMES:
+            return False
+        if self.finished:  # everything arrived; only the status was lost: end the stream as it is
             return False
         self.attempts += 1
         if self.broken_at is None:  # the first break of a run of them: the latency counts from here

@@ -108,6 +108,14 @@ def test_a_preempted_or_resumed_constrained_request_stays_valid(tiny_dirs):
     assert first.token_ids[:5] + h.outputs[request.request_id].token_ids == first.token_ids
 
 
+def test_resumed_tokens_the_constraint_forbids_are_invalid_argument(harness):
+    letters = tuple(harness.runtime.loaded.tokenizer.encode("abc", add_special_tokens=False))
+    with pytest.raises(InvalidArgument, match="not allowed by the constraint") as err:
+        harness.runtime.preprocessor(UserInput(input_ids=tuple(PROMPT), resume=(letters,)),
+                                     RawParams(constraint=Constraint("regex", "[0-9]+"), max_new_tokens=8))
+    assert err.value.field == "resume"
+
+
 @pytest.mark.parametrize("constraint, params, words", [
     (Constraint("json_schema", '{"type": "strng"}'), {}, "does not compile"),
     (Constraint("json_schema", "{not json"), {}, "does not compile"),

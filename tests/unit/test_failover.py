@@ -83,3 +83,11 @@ def test_resumptions_stop_after_a_bound_and_back_off():
     while r.retry(_Error(grpc.StatusCode.UNAVAILABLE)):
         delays.append(r.backoff)
     assert len(delays) == 8 and delays[0] == 0.0 and delays == sorted(delays) and delays[-1] <= 1.0
+
+
+def test_a_break_after_the_final_message_is_not_resumed():
+    r = Resumption(pb.GenerateRequest(), FailoverStats())
+    r.seen(_chunk(0, [5], [-1.0]))
+    from tokenloom_client.types import Usage
+    r.seen(StreamChunk("r", [6], [-1.0], "", "length", Usage(3, 2)))
+    assert r.finished and not r.retry(_Error(grpc.StatusCode.UNAVAILABLE))

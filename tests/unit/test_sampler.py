@@ -394,3 +394,39 @@ def test_label_logprobs_are_the_model_log_probabilities_of_the_labels():
     expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(labels)[:, None])[:, 0]
     assert len(got) == len(labels)
     torch.testing.assert_close(torch.tensor(got), expected, atol=1e-6, rtol=0)
+
+
+def test_a_uniform_that_rounds_to_one_still_picks_a_token_with_probability():
+    """A 53-bit uniform within 2**-25 of 1 is 1.0 in float32: the pick must stay on the last token with
+    any mass, not a filtered one after it (a constraint-banned token would break its constraint)."""
+    from tokenloom.engine.batch import SampleSpec
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    params = sampling(top_k=0, top_p=0.8)  # keeps tokens 0 and 1 only (p = 0.61, 0.22, 0.14, 0.03)
+    result = Sampler()(logits, [SampleSpec(params, (), 0, frozenset(), (1.0 - 2.0**-40,))])[0]
+    assert result.token_ids == [1]
+
+
+def test_a_constrained_row_draws_only_allowed_tokens_even_when_penalties_ban_them_all():
+    import numpy as np
+    from concurrent.futures import Future
+
+    from tokenloom.engine.batch import SampleSpec
+
+    def mask(allowed):
+        words = np.zeros(1, dtype=np.int32)
+        for t in allowed:
+            words[0] |= np.int32(1 << t)
+        f = Future()
+        f.set_result(words)
+        return f
+
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    greedy_params = SamplingParams(max_new_tokens=1)
+    blocked = SamplingParams(max_new_tokens=1, no_repeat_ngram_size=1)  # bans every token already seen
+    specs = [SampleSpec(greedy_params, (0, 1), 0, frozenset(), (None,), 0, mask([2, 3])),
+             SampleSpec(blocked, (3,), 0, frozenset(), (None,), 0, mask([3]))]
+    results = Sampler()(logits, specs)
+    assert results[0].token_ids == [2]  # the likeliest allowed token
+    assert results[1].token_ids == [3]  # its only allowed token, banned by the penalty: the mask alone decides
+    assert results[0].logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[2].item())  # raw log-prob

@@ -363,6 +363,6 @@ def test_the_servicer_maps_each_constraint_kind():
     assert raw(regex="a+") == Constraint("regex", "a+")
     assert raw(grammar="start: A") == Constraint("grammar", "start: A")
     assert raw(choice=pb.Choice(options=["a", "b"])) == Constraint("choice", '["a", "b"]')
-    for bad in ({}, {"choice": pb.Choice(options=["a", ""])}):
+    for bad in ({}, {"choice": pb.Choice(options=["a", ""])}, {"json_object": False}):
         with pytest.raises(InvalidArgument, match="constraint"):
             raw(**bad)

@@ -11,7 +11,8 @@ future the sampler waits on). Measured here: about 10-20 µs per mask for a 10-f
 
 Compiled constraints are cached by their text; a request gets a copy of the compiled matcher.
 The matcher describes the tokens, not their KV: it survives a preemption unchanged, and a resumed
-request replays its resumed tokens into a fresh one.
+request's tokens are fed to a fresh one as the detokenizer takes them (the preprocessor has replayed
+them once already, to refuse resumed tokens the constraint does not allow).
 """
 
 from __future__ import annotations

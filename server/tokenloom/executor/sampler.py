@@ -176,6 +176,10 @@ class Sampler:
             atypical = (shift > ranked.gather(1, last)) & (mass < 1.0)
             probs = probs.masked_fill(atypical, 0.0)
         cdf = probs.cumsum(dim=-1)
-        u = torch.tensor(uniforms, device=dev, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+        total = cdf[:, -1:]
+        u = torch.tensor(uniforms, device=dev, dtype=cdf.dtype)[:, None] * total
+        # A 53-bit uniform within 2**-25 of 1 rounds to 1.0 in float32: kept below the total mass, so the
+        # pick is the last token with any probability, never a filtered (or constraint-banned) one after it.
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         pick = torch.searchsorted(cdf, u, right=True).clamp_(max=k - 1)
         return index.gather(1, pick)[:, 0]

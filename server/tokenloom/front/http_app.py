@@ -10,6 +10,7 @@ HTTP status once admitted, then its events; an error after that arrives as an `e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -109,7 +111,9 @@ class HttpFront:
             return _error(exc, chat)
         responder = oa.Responder(options, request_id, self.token_text)
         if options.stream:
-            return EventSourceResponse(_sse(run, responder), ping=PING_SECONDS, sep="\n")
+            # Closes `run` if the response is never sent (the client left before it started).
+            return EventSourceResponse(_sse(run, responder, chat), ping=PING_SECONDS, sep="\n",
+                                       background=BackgroundTask(run.aclose))
         try:
             await _unless_disconnected(request, _consume(run, responder))
         except CallError as exc:
@@ -129,9 +133,10 @@ class HttpFront:
                     log.info("HTTP stream %s cut: %s", req.request_id, message)
                     driver[0].cancel()
 
-                async for event in call.events(req, ticket, cut):
-                    yield event
-                    driver[0] = asyncio.current_task()
+                async with contextlib.aclosing(call.events(req, ticket, cut)) as events:
+                    async for event in events:
+                        yield event
+                        driver[0] = asyncio.current_task()
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -201,19 +206,22 @@ def _parsed(parse, body: object, served_name: str):
 
 
 async def _consume(run, responder: oa.Responder) -> None:
-    async for event in run:
-        responder.add(event)
-
-
-async def _sse(run, responder: oa.Responder):
-    """The events as SSE `data:` lines, then `[DONE]`; an error after the start as an `error` event."""
-    try:
+    async with contextlib.aclosing(run):
         async for event in run:
-            for chunk in responder.chunks(event):
-                yield json.dumps(chunk, separators=(",", ":"))
-    except CallError as exc:
-        yield json.dumps(_error_body(exc), separators=(",", ":"))
-        return
+            responder.add(event)
+
+
+async def _sse(run, responder: oa.Responder, chat: bool):
+    """The events as SSE `data:` lines, then `[DONE]`; an error after the start as an `error` event.
+    `run` is closed however this ends (its ticket, log line and engine rows go at once, not at GC)."""
+    async with contextlib.aclosing(run):
+        try:
+            async for event in run:
+                for chunk in responder.chunks(event):
+                    yield json.dumps(chunk, separators=(",", ":"))
+        except CallError as exc:
+            yield json.dumps(_error_body(exc, chat), separators=(",", ":"))
+            return
     yield "[DONE]"
 
 
@@ -226,8 +234,9 @@ async def _unless_disconnected(request: Request, work):
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-    if not task.done():
-        task.cancel()
+        if not task.done():  # the client left, or this handler itself is being cancelled
+            task.cancel()
+    if not task.done() or task.cancelled():  # cancelled above: it ends on its own (counted as cancelled)
         raise asyncio.CancelledError()
     return task.result()
 

@@ -207,6 +207,8 @@ def _constraint(p: pb.GenerationParameters) -> Constraint:
     if kind is None:
         raise InvalidArgument("constraint", "set one of json_schema, json_object, regex, grammar, choice")
     if kind == "json_object":
+        if not c.json_object:
+            raise InvalidArgument("constraint", "json_object must be true (leave the constraint unset for none)")
         return Constraint("json_object")
     if kind == "choice":
         if not c.choice.options or not all(c.choice.options):

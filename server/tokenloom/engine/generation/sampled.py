@@ -83,7 +83,7 @@ class SampledGeneration(Generation):
         )
         if sample.matcher is not None and token not in self.eos_token_ids:
             sample.matcher.accept(token)
-            if reason is None and sample.matcher.complete:
+            if reason in (None, FinishReason.LENGTH) and sample.matcher.complete:
                 reason = FinishReason.EOS  # the constraint is complete: only the end may follow
         return reason
 
