@@ -166,11 +166,16 @@ def test_a_draining_replica_gets_no_new_calls_and_finishes_its_streams(replicas)
 
     async def run():
         async with AsyncClient(targets, timeout=120) as client:
+            # Until every replica has taken a call: a new channel picks only the replicas it has connected to.
+            served = _finished_by_replica(alive)
+            while any(a <= b for a, b in zip(_finished_by_replica(alive), served)):
+                await client.generate(input_ids=[1, 2, 3], max_new_tokens=1)
             params = dict(input_ids=list(range(500, 520)), max_new_tokens=400, ignore_eos=True)
             before = [asyncio.ensure_future(_collect(client, {**params, "request_id": f"before{i}"}, [0]))
                       for i in range(4 * len(alive))]
             while Scrape(draining.metrics_url).running < 1:  # the replica to drain has streams open
-                assert not any(f.done() for f in before), "the streams ended before the drain began"
+                for f in before:
+                    assert not f.done() or f.result() is None, "the streams ended before the drain began"
                 await asyncio.sleep(0.01)
             draining.proc.send_signal(signal.SIGTERM)
             while await asyncio.to_thread(_health, draining.address) == health_pb2.HealthCheckResponse.SERVING:
