@@ -20,6 +20,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -86,7 +87,8 @@ class FailoverStats:
     resumed_streams: int = 0  # streams continued (or, for beams, restarted) after a broken connection
     resumes: int = 0  # calls sent to continue them (more than one when a resumed call broke too)
     resent_tokens: int = 0  # tokens sent back to a server as `resume`
-    resume_seconds: list[float] = field(default_factory=list)  # a stream's break -> its next message
+    # a stream's break -> its next message, for the last 1,000 resumptions
+    resume_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class Resumption:

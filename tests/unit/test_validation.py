@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -363,6 +365,14 @@ def test_the_servicer_maps_each_constraint_kind():
     assert raw(regex="a+") == Constraint("regex", "a+")
     assert raw(grammar="start: A") == Constraint("grammar", "start: A")
     assert raw(choice=pb.Choice(options=["a", "b"])) == Constraint("choice", '["a", "b"]')
-    for bad in ({}, {"choice": pb.Choice(options=["a", ""])}, {"json_object": False}):
+    for bad in ({}, {"json_object": False}):
         with pytest.raises(InvalidArgument, match="constraint"):
             raw(**bad)
+
+
+@pytest.mark.parametrize("options", [[], ["a", ""]])
+def test_a_choice_needs_options_none_empty(options):
+    from tokenloom.request import Constraint
+
+    with pytest.raises(InvalidArgument, match="choice needs at least one option"):
+        resolve_params(RawParams(constraint=Constraint("choice", json.dumps(options))), 4, LIMITS)

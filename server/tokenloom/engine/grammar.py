@@ -79,12 +79,8 @@ class Grammars:
                 return compiled
             if self._tokenizer is None:
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size)
-        grammar = _grammar(constraint)
-        error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer, limits=self.limits)
-        if error:
-            raise ConstraintError(messages[0] if messages else "the grammar engine refused it")
-        compiled = LLMatcher(self._tokenizer, grammar, log_level=0, limits=self.limits)
-        if compiled.is_error():
+        compiled = LLMatcher(self._tokenizer, _grammar(constraint), log_level=0, limits=self.limits)
+        if compiled.is_error():  # llguidance does not raise: a matcher that failed to compile says why
             raise ConstraintError(compiled.get_error())
         with self._lock:
             self._cache[constraint] = compiled

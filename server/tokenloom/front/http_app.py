@@ -2,8 +2,8 @@
 decoding explorer page, as a Starlette app that uvicorn serves in the server's own event loop.
 
 Calls go through the same `Gateway` as gRPC's (preprocessor, validation, admission, stream hub,
-request log, outcome metrics with front="http"); `openai_schema.py` maps bodies and events to and
-from OpenAI's JSON. Streams are server-sent events (sse-starlette). A streamed request answers its
+request log, outcome metrics with front="http"); `openai_request.py` and `openai_response.py` map bodies and events
+to and from OpenAI's JSON. Streams are server-sent events (sse-starlette). A streamed request answers its
 HTTP status once admitted, then its events; an error after that arrives as an `error` event.
 """
 
@@ -26,7 +26,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import auth, openai_schema as oa
+from . import auth, openai_request as oa, openai_response as reply
 from .gateway import CallError, Gateway
 from .throttled_log import ThrottledLog
 
@@ -89,7 +89,7 @@ class HttpFront:
 
     async def models(self, request: Request) -> Response:
         refusal = self._refusal(request)
-        return refusal or JSONResponse(oa.models(self.served.name, self.served.context_length, self.created))
+        return refusal or JSONResponse(reply.models(self.served.name, self.served.context_length, self.created))
 
     # -- generation ------------------------------------------------------------------------
 
@@ -109,7 +109,7 @@ class HttpFront:
             options, request_id = await anext(run)  # admitted: from here on the answer is 200
         except CallError as exc:
             return _error(exc, chat)
-        responder = oa.Responder(options, request_id, self.token_text)
+        responder = reply.Responder(options, request_id, self.token_text)
         if options.stream:
             # Closes `run` if the response is never sent (the client left before it started).
             return EventSourceResponse(_sse(run, responder, chat), ping=PING_SECONDS, sep="\n",
@@ -159,7 +159,7 @@ class HttpFront:
                     ids.extend(event.token_ids)
                     logprobs.extend(event.logprobs)
                     cached = event.cached_tokens if event.final else cached
-        return JSONResponse(oa.score_response(self.served.name, req.prompt_ids[: req.score_from], ids, logprobs,
+        return JSONResponse(reply.score_response(self.served.name, req.prompt_ids[: req.score_from], ids, logprobs,
                                               len(req.prompt_ids), cached))
 
     # -- the door: authentication, the body, who the client is ---------------------------------
@@ -205,13 +205,13 @@ def _parsed(parse, body: object, served_name: str):
         raise CallError("NOT_FOUND", str(exc), field="model") from None
 
 
-async def _consume(run, responder: oa.Responder) -> None:
+async def _consume(run, responder: reply.Responder) -> None:
     async with contextlib.aclosing(run):
         async for event in run:
             responder.add(event)
 
 
-async def _sse(run, responder: oa.Responder, chat: bool):
+async def _sse(run, responder: reply.Responder, chat: bool):
     """The events as SSE `data:` lines, then `[DONE]`; an error after the start as an `error` event.
     `run` is closed however this ends (its ticket, log line and engine rows go at once, not at GC)."""
     async with contextlib.aclosing(run):

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
 
 import grpc
 
@@ -211,9 +210,7 @@ def _constraint(p: pb.GenerationParameters) -> Constraint:
             raise InvalidArgument("constraint", "json_object must be true (leave the constraint unset for none)")
         return Constraint("json_object")
     if kind == "choice":
-        if not c.choice.options or not all(c.choice.options):
-            raise InvalidArgument("constraint", "choice needs at least one option, none of them empty")
-        return Constraint("choice", json.dumps(list(c.choice.options)))
+        return Constraint("choice", json.dumps(list(c.choice.options)))  # validation checks the options
     return Constraint(kind, getattr(c, kind))
 
 

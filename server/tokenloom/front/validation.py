@@ -7,6 +7,7 @@ INVALID_ARGUMENT with a message that names the field the user must change.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -191,6 +192,10 @@ def _constraint(c: Constraint | None, limits: Limits) -> Constraint | None:
         raise InvalidArgument("constraint", f"unknown kind {c.kind!r}; one of {', '.join(CONSTRAINT_KINDS)}")
     if c.kind != "json_object" and not c.text:
         raise InvalidArgument("constraint", f"the {c.kind} is empty")
+    if c.kind == "choice":
+        options = json.loads(c.text)
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise InvalidArgument("constraint", "choice needs at least one option, none of them empty")
     if len(c.text.encode()) > limits.max_constraint_bytes:
         raise InvalidArgument("constraint", f"the {c.kind} has {len(c.text.encode())} bytes; at most "
                               f"{limits.max_constraint_bytes} are allowed (--max-constraint-bytes)")

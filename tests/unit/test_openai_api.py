@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenloom.front import openai_schema as oa
+from tokenloom.front import openai_request as oa
+from tokenloom.front import openai_response as reply
 from tokenloom.front.validation import InvalidArgument
 from tokenloom.request import FinishReason, Hypothesis, TokenEvent, TopToken
 
@@ -85,7 +86,7 @@ def _events(*pieces, reason=FinishReason.STOP_STRING):
 
 
 def _streamed_text(options, events):
-    r = oa.Responder(options, "r", str)
+    r = reply.Responder(options, "r", str)
     return [c["choices"][0]["text"] for e in events for c in r.chunks(e) if c["choices"]]
 
 
@@ -95,7 +96,7 @@ def test_a_stop_sequence_never_reaches_the_client_even_in_pieces():
     assert "".join(pieces) == "abc" and not any("E" in p for p in pieces)
     # Without a stop, the held back text comes out at the end.
     assert "".join(_streamed_text(options, _events("ab", "cE", "N", reason=FinishReason.LENGTH))) == "abcEN"
-    unary = oa.Responder(oa.Options(chat=False, model=MODEL, stop=("END",)), "r", str)
+    unary = reply.Responder(oa.Options(chat=False, model=MODEL, stop=("END",)), "r", str)
     for e in _events("ab", "cE", "N", "D!"):
         unary.add(e)
     body = unary.response()
@@ -104,7 +105,7 @@ def test_a_stop_sequence_never_reaches_the_client_even_in_pieces():
 
 
 def test_completion_logprobs_have_offsets_and_alternatives():
-    r = oa.Responder(oa.Options(chat=False, model=MODEL, logprobs=True), "r", lambda t: f"<{t}>")
+    r = reply.Responder(oa.Options(chat=False, model=MODEL, logprobs=True), "r", lambda t: f"<{t}>")
     top = (TopToken(0, "<0>", -0.1), TopToken(5, "<5>", -2.0))
     r.add(TokenEvent("r", token_ids=(0, 1), logprobs=(-0.1, -1.0), text="<0><1>", top_tokens=(top, top)))
     r.add(TokenEvent("r", token_ids=(2,), logprobs=(-3.0,), text="<2>", finish_reason=FinishReason.EOS, final=True))
@@ -116,7 +117,7 @@ def test_completion_logprobs_have_offsets_and_alternatives():
 def test_beams_stream_the_best_so_far_then_each_hypothesis_with_its_score():
     from tokenloom.request import BestUpdate
 
-    r = oa.Responder(oa.Options(chat=True, model=MODEL, stream=True, beams=True, include_usage=True), "r", str)
+    r = reply.Responder(oa.Options(chat=True, model=MODEL, stream=True, beams=True, include_usage=True), "r", str)
     first = r.chunks(TokenEvent("r", provisional=True, best_update=BestUpdate(0, (1, 2), 0, "ab")))
     second = r.chunks(TokenEvent("r", provisional=True, best_update=BestUpdate(1, (3,), 1, "c")))
     assert [c["best_so_far"] for c in first + second] == [{"text": "ab", "token_ids": [1, 2]},
@@ -144,7 +145,7 @@ def test_response_format_and_guided_fields_become_our_constraint():
         Constraint("choice", '["x", "y"]')
     assert oa.parse_completion({"prompt": "a", "guided_regex": "a+"}, MODEL).raw.constraint == Constraint("regex", "a+")
     for bad, field in (({"response_format": {"type": "xml"}}, "response_format"),
-                       ({"guided_choice": []}, "guided_choice"),
+                       ({"guided_choice": "yes"}, "guided_choice"),
                        ({"guided_regex": "a", "guided_grammar": "start: A"}, "response_format")):
         with pytest.raises(InvalidArgument) as err:
             oa.parse_completion({"prompt": "a", **bad}, MODEL)
