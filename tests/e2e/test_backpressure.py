@@ -133,7 +133,7 @@ def test_a_slow_reader_gets_every_token_a_fast_reader_gets(server, mode):
             ids = []
             async for message in pb_grpc.GenerationStub(channel).Generate(request(top_n=5, **mode)):
                 ids += message.token_ids
-                await asyncio.sleep(0.01)  # a reader slower than the engine
+                await asyncio.sleep(0.03)  # a reader slower than the engine, even a loaded one (~10 ms a step)
             assert Scrape(server.metrics_url).get("stream_pauses_total") > before, "the reader was too fast to pause"
             return ids
 
