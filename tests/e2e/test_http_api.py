@@ -181,8 +181,9 @@ def test_a_chat_error_names_the_chat_field(oai, model):
 
 def test_other_refusals_have_fitting_codes_and_count(server, oai, model):
     before = Scrape(server.metrics_url)
-    with pytest.raises(openai.NotFoundError, match="this server serves"):
+    with pytest.raises(openai.NotFoundError, match="this server serves") as missing:
         oai.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError, match="context length"):
         oai.completions.create(model=model, prompt=[5] * 600, max_tokens=2)
     raw = httpx.post(server.http_url + "/v1/chat/completions", content=b'{"messages": [', timeout=30)
@@ -197,19 +198,27 @@ def test_other_refusals_have_fitting_codes_and_count(server, oai, model):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_rows(server, model):
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
-    before = Scrape(server.metrics_url).get("requests_finished_total", outcome="cancelled", front="http")
-    with httpx.Client(timeout=30) as client:
-        with client.stream("POST", server.http_url + "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data:") and json.loads(line[5:])["choices"]:
-                    break
-            assert poll(server.metrics_url, lambda s: s.running > 0, timeout=5).running > 0
-    # The connection is closed: within a step or so the rows are gone and the call counts as cancelled.
-    scrape = poll(server.metrics_url, lambda s: s.idle and
-                  s.get("requests_finished_total", outcome="cancelled", front="http") > before, timeout=10)
-    assert scrape.idle and scrape.get("requests_finished_total", outcome="cancelled", front="http") == before + 1
+    # A quiet machine runs a tiny model's 400 tokens in half a second: heavier requests until one is
+    # seen holding rows (running, or paused once its unread messages filled the stream's buffer).
+    for extra in ({"max_tokens": 400}, {"max_tokens": 480, "n": 8, "temperature": 1.0, "seed": 1},
+                  {"max_tokens": 480, "n": 8, "temperature": 1.0, "seed": 1, "logprobs": 20}):
+        body = {"model": model, "prompt": PROMPT, "ignore_eos": True, "stream": True, "temperature": 0, **extra}
+        before = Scrape(server.metrics_url).get("requests_finished_total", outcome="cancelled", front="http")
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", server.http_url + "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line.startswith("data:") and json.loads(line[5:])["choices"]:
+                        break
+                holding = Scrape(server.metrics_url)
+                if holding.running + holding.get("paused_sequences") == 0:
+                    continue  # it finished before it could be seen: try a longer one
+        # The connection is closed: within a step or so the rows are gone and the call counts as cancelled.
+        scrape = poll(server.metrics_url, lambda s: s.idle and
+                      s.get("requests_finished_total", outcome="cancelled", front="http") > before, timeout=10)
+        assert scrape.idle and scrape.get("requests_finished_total", outcome="cancelled", front="http") == before + 1
+        return
+    pytest.fail("no request was still generating when its first token arrived")
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +239,8 @@ def test_bearer_token_and_per_client_limits(guarded):
     assert Scrape(guarded.metrics_url).get("auth_failures_total", reason="missing") == 1
     with openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=60) as good:
         model = good.models.list().data[0].id
-        stream = good.completions.create(model=model, prompt=PROMPT, max_tokens=300, stream=True,
+        # Long enough to be open still when the next call arrives (a quiet machine runs 300 tokens in 0.4 s).
+        stream = good.completions.create(model=model, prompt=PROMPT, max_tokens=480, n=8, seed=1, stream=True,
                                          extra_body={"ignore_eos": True})
         next(iter(stream))  # one stream open: the client's one allowed
         with pytest.raises(openai.RateLimitError) as err:

@@ -150,3 +150,14 @@ def test_response_format_and_guided_fields_become_our_constraint():
         with pytest.raises(InvalidArgument) as err:
             oa.parse_completion({"prompt": "a", **bad}, MODEL)
         assert err.value.field == field
+
+
+def test_streamed_and_unary_text_offsets_agree_when_a_stop_sequence_holds_text_back():
+    options = dict(chat=False, model=MODEL, logprobs=True, stop=("zz",))
+    events = _events("ab", "cd", "ef", reason=FinishReason.LENGTH)
+    streamed = reply.Responder(oa.Options(stream=True, **options), "r", lambda t: "ab cd ef".split()[t] if t < 3 else "ef")
+    offsets = [o for e in events for c in streamed.chunks(e) for o in c["choices"][0]["logprobs"]["text_offset"]]
+    unary = reply.Responder(oa.Options(**options), "r", lambda t: "ab cd ef".split()[t] if t < 3 else "ef")
+    for e in events:
+        unary.add(e)
+    assert offsets == unary.response()["choices"][0]["logprobs"]["text_offset"] == [0, 2, 4]

@@ -38,7 +38,7 @@ PING_SECONDS = 15.0  # an SSE comment line this often keeps idle proxies from cl
 # A CallError's code -> (HTTP status, OpenAI error type).
 _STATUS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),
-    "NOT_FOUND": (404, "not_found_error"),
+    "NOT_FOUND": (404, "invalid_request_error"),  # OpenAI's answer for an unknown model (code model_not_found)
     "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
     "UNAVAILABLE": (503, "service_unavailable"),
     "INTERNAL": (500, "server_error"),
@@ -259,7 +259,8 @@ def _error_body(exc: CallError, chat: bool = False) -> dict:
     _, kind = _STATUS.get(exc.code, (500, "server_error"))
     param = oa.field_name(exc.field, chat) if exc.field else None
     message = f"{param}: {exc.detail}" if exc.code == "INVALID_ARGUMENT" and param else exc.message
-    return {"error": {"message": message, "type": kind, "param": param, "code": exc.limit or None}}
+    code = exc.limit or ("model_not_found" if exc.code == "NOT_FOUND" else None)  # OpenAI's codes
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error(exc: CallError, chat: bool = False) -> Response:

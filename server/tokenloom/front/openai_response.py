@@ -29,6 +29,7 @@ class _Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # chat: content entries; completions: (token, lp, top, offset)
+    offset: int = 0  # characters of this choice's generated text before the next token (held back or not)
     finish_reason: str | None = None
     started: bool = False  # chat: the role went out in this choice's first chunk
     held: str = ""  # streamed text kept back: it may be the start of a stop sequence
@@ -111,7 +112,7 @@ class Responder:
         if not event.provisional and not self.o.beams:
             choice = self.choices.setdefault(event.index, _Choice())
             if self.o.logprobs:
-                self._logprobs(event, choice)  # before the text grows: the offsets count from there
+                self._logprobs(event, choice)
             choice.text += event.text
             choice.token_ids.extend(event.token_ids)
             if event.finish_reason is not None:
@@ -150,7 +151,7 @@ class Responder:
     # log-probabilities: chat's `content` list, or completions' parallel lists
     def _logprobs(self, event: TokenEvent, choice: _Choice) -> dict:
         start = len(choice.logprobs)
-        offset = len(choice.text)
+        offset = choice.offset
         for k, (token_id, logprob) in enumerate(zip(event.token_ids, event.logprobs)):
             top = event.top_tokens[k] if k < len(event.top_tokens) else ()
             text = self.token_text(token_id)
@@ -160,7 +161,8 @@ class Responder:
                                                           "bytes": list(t.text.encode())} for t in top]})
             else:
                 choice.logprobs.append((text, _finite(logprob), {t.text: _finite(t.logprob) for t in top}, offset))
-                offset += len(text)
+            offset += len(text)
+        choice.offset = offset
         return self._as_logprobs(choice.logprobs[start:])
 
     def _whole_logprobs(self, choice: _Choice) -> dict:
