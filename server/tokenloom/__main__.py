@@ -18,7 +18,8 @@ from .metrics import MetricsConfig
 from .executor.models import ModelSpec
 from .engine.scheduler import SchedulerConfig
 from .front.clients import TokensFile
-from .server import CacheConfig, ListenError, ServerConfig, load_runtime, serve
+from .runtime import CacheConfig, load_runtime
+from .server import ListenError, ServerConfig, serve
 
 
 def parser() -> argparse.ArgumentParser:

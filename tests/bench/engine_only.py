@@ -40,7 +40,7 @@ def load(model: str, server_args: list[str], thread=None):
     that runs the process's other torch work, if any, so the process keeps one OpenMP team."""
     from tokenloom.__main__ import parser, runtime_configs
     from tokenloom.engine.engine_thread import EngineThread
-    from tokenloom.server import load_runtime
+    from tokenloom.runtime import load_runtime
 
     thread = thread or EngineThread()
     runtime = thread.call(load_runtime, *runtime_configs(parser().parse_args(["--model", str(model), *server_args])))

@@ -11,7 +11,7 @@ from tiny_models import KINDS
 from tokenloom.executor.models import ModelSpec
 from tokenloom.request import GenerationOutput
 from tokenloom.engine.scheduler import SchedulerConfig
-from tokenloom.server import CacheConfig, load_runtime
+from tokenloom.runtime import CacheConfig, load_runtime
 from tokenloom.front.validation import Limits, RawParams
 from tokenloom.front.preprocessor import UserInput
 
