@@ -229,6 +229,31 @@ def _announce(runtime: Runtime, config: ServerConfig, address: str, tokens: Toke
     print(f"tokenloom: serving {runtime.served.name} on {address} ({security}){http}", flush=True)
 
 
+def _http_server(runtime: Runtime, config: ServerConfig, gateway: Gateway, accepts) -> HttpServer | None:
+    """The HTTP front on its bound port (--http-port), not started yet; None when it is off."""
+    if not config.http_port:
+        return None
+    front = HttpFront(gateway, runtime.served, TokenText(runtime.loaded.tokenizer).token, accepts,
+                      max_body_bytes=_max_message_bytes(runtime.limits))
+    try:
+        return HttpServer(front, config.host, config.http_port, tls=(config.tls_cert_chain, config.tls_private_key))
+    except RuntimeError as exc:
+        raise ListenError(str(exc)) from None
+
+
+def _metrics_endpoint(metrics: Metrics, metrics_cfg: MetricsConfig | None, config: ServerConfig):
+    """/metrics serving (None: off), with a warning when it is open beyond a protected server's machine."""
+    try:
+        endpoint = metrics.serve_http(metrics_cfg) if metrics_cfg is not None else None
+    except RuntimeError as exc:
+        raise ListenError(str(exc)) from None
+    if _metrics_exposed(metrics_cfg, config):
+        log.warning("/metrics on http://%s:%d is plain HTTP without authentication, reachable beyond this "
+                    "machine, while gRPC needs TLS or a token: bind it to this machine with --metrics-host "
+                    "127.0.0.1, or turn it off with --metrics-port 0", metrics_cfg.host, metrics_cfg.port)
+    return endpoint
+
+
 async def serve(
     runtime: Runtime, config: ServerConfig, engine_thread: EngineThread, ready: asyncio.Event | None = None,
     metrics_cfg: MetricsConfig | None = None,  # None: no metrics endpoint
@@ -255,22 +280,8 @@ async def serve(
     health = await _health_and_reflection(server)
     address = f"{config.host}:{config.port}"
     _listen(server, config, address)
-    http = None
-    if config.http_port:
-        front = HttpFront(gateway, runtime.served, TokenText(runtime.loaded.tokenizer).token, accepts,
-                          max_body_bytes=_max_message_bytes(runtime.limits))
-        try:
-            http = HttpServer(front, config.host, config.http_port, tls=(config.tls_cert_chain, config.tls_private_key))
-        except RuntimeError as exc:
-            raise ListenError(str(exc)) from None
-    try:
-        endpoint = metrics.serve_http(metrics_cfg) if metrics_cfg is not None else None
-    except RuntimeError as exc:
-        raise ListenError(str(exc)) from None
-    if _metrics_exposed(metrics_cfg, config):
-        log.warning("/metrics on http://%s:%d is plain HTTP without authentication, reachable beyond this "
-                    "machine, while gRPC needs TLS or a token: bind it to this machine with --metrics-host "
-                    "127.0.0.1, or turn it off with --metrics-port 0", metrics_cfg.host, metrics_cfg.port)
+    http = _http_server(runtime, config, gateway, accepts)
+    endpoint = _metrics_endpoint(metrics, metrics_cfg, config)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

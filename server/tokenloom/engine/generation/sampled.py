@@ -148,9 +148,8 @@ class SampledGeneration(Generation):
     def start_event(self) -> TokenEvent | None:
         if not self.finished_at_start:
             return None
-        hypotheses = tuple(s.result for s in self.samples)
-        return self.final_event(hypotheses[-1].finish_reason, hypotheses=hypotheses, index=len(hypotheses) - 1,
-                                generated_tokens=sum(len(h.token_ids) for h in hypotheses))
+        last = self.samples[-1]
+        return self._final(TokenEvent(self.request_id, finish_reason=last.result.finish_reason, index=last.index))
 
     def generated_tokens(self) -> int:
         return sum(len(s.result.token_ids) if s.result is not None else s.seq.num_generated
