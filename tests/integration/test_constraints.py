@@ -108,6 +108,34 @@ def test_a_preempted_or_resumed_constrained_request_stays_valid(tiny_dirs):
     assert first.token_ids[:5] + h.outputs[request.request_id].token_ids == first.token_ids
 
 
+def test_a_mask_that_fails_fails_its_request_alone(harness, monkeypatch):
+    victim = Constraint("regex", "[a-z]{40}")
+    real_matcher = harness.runtime.grammars.matcher
+
+    def matcher(constraint):
+        m = real_matcher(constraint)
+        if constraint == victim:  # its fourth mask raises, as a grammar engine's bug would
+            fills, real_fill = iter(range(1000)), m._fill
+            m._fill = lambda: real_fill() if next(fills) < 3 else (_ for _ in ()).throw(ValueError("mask broke"))
+        return m
+
+    monkeypatch.setattr(harness.runtime.grammars, "matcher", matcher)
+    free_params = [dict(max_new_tokens=16, ignore_eos=True), dict(max_new_tokens=16, do_sample=True, seed=5)]
+    alone = [_submit(harness, **p) for p in free_params]
+    harness.run_until_idle()
+    good = Constraint("json_schema", json.dumps(SCHEMAS[0]))
+    free = [_submit(harness, **p) for p in free_params]
+    kept = _submit(harness, good, max_new_tokens=200, do_sample=True, seed=9)
+    broken = _submit(harness, victim, max_new_tokens=60, do_sample=True, seed=9)
+    harness.run_until_idle()
+
+    out = harness.outputs[broken]
+    assert out.finish_reason is FinishReason.ERROR and "mask broke" in out.error
+    assert len(out.token_ids) == 3  # the three tokens drawn under a mask; nothing unconstrained reached it
+    assert [harness.outputs[r].token_ids for r in free] == [harness.outputs[r].token_ids for r in alone]
+    jsonschema.validate(json.loads(harness.outputs[kept].text), SCHEMAS[0])
+
+
 def test_resumed_tokens_the_constraint_forbids_are_invalid_argument(harness):
     letters = tuple(harness.runtime.loaded.tokenizer.encode("abc", add_special_tokens=False))
     with pytest.raises(InvalidArgument, match="not allowed by the constraint") as err:

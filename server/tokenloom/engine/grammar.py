@@ -112,20 +112,29 @@ class Matcher:
     def __init__(self, matcher: LLMatcher, grammars: Grammars):
         self._m = matcher
         self._grammars = grammars
+        self.failure: Exception | None = None  # why a mask could not be filled (see `check`)
 
     def mask(self) -> "PendingMask":
         """The allowed next tokens, computed by the grammar thread from now on: its `result()` is an
         int32 bitmask (bit t of word t // 32 set: token t allowed)."""
-        return PendingMask(self._grammars.pool.submit(self._fill), self._grammars.stats)
+        return PendingMask(self._grammars.pool.submit(self._fill), self._grammars.stats, self)
 
     def _fill(self):
         started = time.perf_counter()
         bitmask = llnp.allocate_token_bitmask(1, self._grammars.vocab_size)
         llnp.fill_next_token_bitmask(self._m, bitmask, 0)
+        if self._m.is_error():  # e.g. a per-token limit hit: the mask would not be the grammar's
+            raise RuntimeError(self._m.get_error())
         stats = self._grammars.stats
         stats.masks += 1
         stats.fill_seconds += time.perf_counter() - started
         return bitmask[0]
+
+    def check(self) -> None:
+        """Raise if this sequence's last mask failed: its token was drawn without the constraint, so
+        its request must fail (alone: the engine fails a request whose bookkeeping raises)."""
+        if self.failure is not None:
+            raise RuntimeError(f"the constraint could not give the allowed next tokens: {self.failure}")
 
     def accept(self, token: int) -> None:
         if not self._m.consume_token(token):
@@ -142,14 +151,21 @@ class Matcher:
 
 
 class PendingMask:
-    """A mask being filled; `result()` waits for it (the sampler, after the forward) and counts the wait."""
+    """A mask being filled; `result()` waits for it (the sampler, after the forward) and counts the wait.
+    A mask that failed is None (that row draws unconstrained) and the failure is left on its matcher,
+    whose `check` then fails that request alone rather than the whole step."""
 
-    def __init__(self, future: Future, stats: MaskStats):
+    def __init__(self, future: Future, stats: MaskStats, matcher: Matcher):
         self._future = future
         self._stats = stats
+        self._matcher = matcher
 
     def result(self):
         started = time.perf_counter()
-        bits = self._future.result()
+        try:
+            bits = self._future.result()
+        except Exception as exc:
+            self._matcher.failure = exc
+            bits = None
         self._stats.wait_seconds += time.perf_counter() - started
         return bits

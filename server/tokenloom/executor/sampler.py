@@ -35,11 +35,18 @@ def _constrain(processed: torch.Tensor, logits: torch.Tensor, allowed: list, row
     """Constrained rows keep only their allowed tokens (the grammar thread's bitmasks, waited for here,
     after the forward). The mask is -inf where a token is not allowed, so it commutes with the penalties
     applied before it; a row whose penalties left no allowed token finite (n-gram blocking can ban the
-    only one) falls back to its allowed tokens' unpenalised logits."""
+    only one) falls back to its allowed tokens' unpenalised logits. A row whose mask failed (None) is
+    left as it is: its request fails after the step (grammar.Matcher.check)."""
+    masks = [f.result() for f in allowed]
+    kept = [j for j, m in enumerate(masks) if m is not None]
+    if not kept:
+        return processed
+    if len(kept) < len(masks):
+        masks, rows, sources = [masks[j] for j in kept], [rows[j] for j in kept], [sources[j] for j in kept]
     if processed is logits:
         processed = processed.clone()
     vocab = processed.shape[-1]
-    words = torch.from_numpy(np.stack([f.result() for f in allowed]))  # [rows, words] int32
+    words = torch.from_numpy(np.stack(masks))  # [rows, words] int32
     bits = ((words.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :vocab].to(processed.device)
     index = torch.tensor(rows, device=processed.device)
     masked = processed[index].masked_fill(bits == 0, float("-inf"))

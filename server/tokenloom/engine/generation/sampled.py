@@ -111,6 +111,8 @@ class SampledGeneration(Generation):
             if row.sample is None:
                 continue
             drawing = self._drawing(row.seq)
+            if drawing[0].matcher is not None:
+                drawing[0].matcher.check()  # the row's mask was filled: its draws kept to the constraint
             for sample, token in zip(drawing[1:], out.token_ids[1:]):
                 sample.seq = scheduler.fork(self.group, row.seq, row.seq.token_ids + [token], next(self.context.seq_ids))
                 self._by_seq[sample.seq.seq_id] = sample
