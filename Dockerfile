@@ -12,7 +12,8 @@ FROM ${BASE_IMAGE}
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 # 1: build the C++ CPU kernels into the image. They are compiled with -march=native, for the build
-# machine's CPU: build on the nodes' CPU type, or pass 0 and each replica compiles them at its start.
+# machine's CPU, and named by it: a node of another CPU type compiles its own at start (minutes),
+# so build on the nodes' CPU type, or pass 0 and each replica compiles them at its start.
 ARG PREBUILD_KERNELS=1
 # 1: convert the default model into the image (~520 MB) so that no replica spends ~30 s on it at start.
 ARG PRECONVERT_MODEL=1

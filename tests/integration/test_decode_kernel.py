@@ -3,11 +3,16 @@ attention over the gathered blocks on ragged contexts, shared blocks, grouped-qu
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenloom.executor import attention, decode_kernel
+from tokenloom.executor import attention, decode_kernel, kernel_build
 
 kernel = decode_kernel.load()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the kernel could not be built here (see the log)")
@@ -43,3 +48,17 @@ def test_kernel_matches_gather_and_sdpa(rows, kv_heads, group, dim, sharpness):
     # about half as much at sharpness 40).
     error = (got.double() - expected).abs().max().item()
     assert error < 1e-6 * (sharpness + 1), error
+
+
+def test_the_compiled_kernel_is_named_by_the_cpu_it_was_compiled_for(tmp_path):
+    """-march=native code from one CPU type must not load on another: the library's name carries
+    the instruction set the compiler picked, so an older CPU (here: the compiler told to target
+    plain x86-64, as on a node without AVX2) gets another name and compiles its own."""
+    assert kernel.__module__ == f"tokenloom_paged_decode_{kernel_build.cpu_key()}"
+    older = tmp_path / "c++"
+    older.write_text('#!/bin/sh\nexec c++ "$@" -march=x86-64 -mtune=generic\n')
+    older.chmod(0o755)
+    probe = "from tokenloom.executor.kernel_build import cpu_key; print(cpu_key())"
+    keys = [subprocess.run([sys.executable, "-c", probe], env={**os.environ, **extra}, capture_output=True,
+                           text=True, check=True).stdout.strip() for extra in ({}, {"CXX": str(older)})]
+    assert keys[0] == kernel_build.cpu_key() and re.fullmatch(r"[0-9a-f]{8}", keys[1]) and keys[1] != keys[0]
