@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--grace-seconds", type=float, default=10.0,
                    help="on SIGTERM/SIGINT, time open streams get to finish; those still open then get UNAVAILABLE, "
                         "and the process exits within a second")
+    g.add_argument("--max-connection-age", type=float, default=0.0,
+                   help="seconds after which a gRPC connection is asked to reconnect (GOAWAY; its calls finish "
+                        "first), so that long-lived clients re-resolve and reach replicas added since; 0: never")
     g.add_argument("--stream-buffer", type=int, default=64,
                    help="messages a stream may hold for a client that does not read before its rows pause")
     g.add_argument("--stream-idle-timeout", type=float, default=60.0,
@@ -173,6 +176,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         token = auth_token(args.auth_token, path=args.auth_token_file)
     return ServerConfig(args.host, args.port, args.grace_seconds, tls_cert_chain=cert, tls_private_key=key,
                         auth_token=token, auth_tokens_file=args.auth_tokens_file, http_port=args.http_port,
+                        max_connection_age=args.max_connection_age,
                         stream=StreamConfig(args.stream_buffer, args.stream_idle_timeout))
 
 

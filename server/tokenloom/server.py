@@ -54,12 +54,17 @@ class ServerConfig:
     auth_tokens_file: str | None = None  # tokens -> client ids and limits (front/clients.py); reloaded on SIGHUP
     stream: StreamConfig = StreamConfig()  # per-stream buffer and idle cut (front/stream.py)
     http_port: int = 8080  # the OpenAI-compatible HTTP API and the explorer page (on `host`); 0: none
+    # Seconds after which a gRPC connection is asked to go (GOAWAY; its open calls finish first), so that
+    # long-lived clients reconnect and re-resolve, and see replicas added since; 0: never.
+    max_connection_age: float = 0.0
 
     def __post_init__(self):
         if (self.tls_cert_chain is None) != (self.tls_private_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
         if not 0 <= self.http_port <= 65535:
             raise ValueError(f"--http-port {self.http_port} is not in 0..65535")
+        if self.max_connection_age < 0:
+            raise ValueError(f"--max-connection-age {self.max_connection_age:g} must be >= 0 (0: never)")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("the auth token (--auth-token / TOKENLOOM_AUTH_TOKEN) must not be empty")
         if self.auth_token is not None and self.auth_tokens_file is not None:
@@ -195,18 +200,20 @@ def _token_check(config: ServerConfig, tokens: TokensFile | None):
     return one_token(config.auth_token.encode()) if config.auth_token else None
 
 
-def _grpc_server(runtime: Runtime, metrics: Metrics, accepts) -> grpc.aio.Server:
+def _grpc_server(runtime: Runtime, metrics: Metrics, accepts, max_connection_age: float) -> grpc.aio.Server:
     """The server with its interceptors: authentication first, so that a call without a valid token
-    is refused before its body is parsed; then the malformed-body check."""
+    is refused before its body is parsed; then the malformed-body check. A connection older than
+    `max_connection_age` gets a GOAWAY (gRPC adds ±10 % jitter); its calls run to their end, however
+    long (no max_connection_age_grace: a stream is never cut for it)."""
     interceptors = [MalformedRequestInterceptor(metrics.malformed_request)]
     if accepts is not None:
         interceptors.insert(0, BearerTokenInterceptor(accepts, metrics.auth_failed))
     size = _max_message_bytes(runtime.limits)
-    return grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                 ("grpc.so_reuseport", 0)],
-        interceptors=interceptors,
-    )
+    options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+               ("grpc.so_reuseport", 0)]
+    if max_connection_age:
+        options.append(("grpc.max_connection_age_ms", max(1, round(max_connection_age * 1000))))
+    return grpc.aio.server(options=options, interceptors=interceptors)
 
 
 def _admission(cfg: AdmissionConfig, runtime: Runtime, tokens: TokensFile | None) -> Admission:
@@ -273,7 +280,7 @@ async def serve(
     hub.engine = engine
     tokens = TokensFile(config.auth_tokens_file) if config.auth_tokens_file else None
     accepts = _token_check(config, tokens)
-    server = _grpc_server(runtime, metrics, accepts)
+    server = _grpc_server(runtime, metrics, accepts, config.max_connection_age)
     admission = _admission(admission_cfg or AdmissionConfig(), runtime, tokens)
     gateway = Gateway(runtime.preprocessor, hub, admission, Identify(admission.config.trusted_metadata_key, tokens))
     servicer.add_to_server(servicer.GenerationServicer(gateway, runtime.served), server)

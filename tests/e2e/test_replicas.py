@@ -194,3 +194,32 @@ def test_a_draining_replica_gets_no_new_calls_and_finishes_its_streams(replicas)
     log = draining.log_path.read_text()
     assert re.search(r"request_id=before\d+ .*outcome=length", log)  # it served streams to their end
     assert "request_id=after" not in log  # and took no new call
+
+
+def test_a_long_lived_client_reconnects_after_the_connection_age_and_its_stream_runs_to_its_end(tiny_dirs, tmp_path):
+    """--max-connection-age: the server asks an old connection to go (GOAWAY), the client reconnects
+    (re-resolving its target: the way a long-lived client reaches replicas added since), and the
+    stream open on the old connection is not cut."""
+    server = ServerProcess(tiny_dirs["llama"], *SERVER_ARGS, "--max-connection-age", "1", log_dir=tmp_path,
+                           name="aged").start()
+    try:
+        server.wait_ready()
+        states: list[grpc.ChannelConnectivity] = []
+        with Client(server.address, timeout=60) as client:
+            client._channel.subscribe(states.append)
+            client.generate(input_ids=[1, 2, 3], max_new_tokens=1)
+            connected = len(states)
+            assert states[-1] == grpc.ChannelConnectivity.READY
+            tokens = []
+            started = time.monotonic()
+            for chunk in client.stream(input_ids=list(range(600, 620)), max_new_tokens=300, ignore_eos=True):
+                tokens += chunk.token_ids
+                time.sleep(0.01)  # a stream that outlives the connection's age (2 s and more)
+            assert time.monotonic() - started > 2
+            assert len(tokens) == 300 and chunk.finish_reason == "length"
+            assert client.generate(input_ids=[1, 2, 3], max_new_tokens=1).token_ids
+        later = states[connected:]
+        assert any(s != grpc.ChannelConnectivity.READY for s in later), later  # it left the first connection
+        assert grpc.ChannelConnectivity.READY in later  # and connected again
+    finally:
+        server.stop()
