@@ -10,8 +10,11 @@ that grants no flow-control credit.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -174,3 +177,48 @@ def test_shutdown_does_not_wait_past_its_grace_for_a_reader_that_stopped(tiny_di
         assert len(re.findall(r"outcome=shutdown", log)) == 1
     finally:
         proc.stop()
+
+
+def test_an_http_reader_that_stops_pauses_its_rows_and_is_cut_after_the_idle_timeout(tiny_dirs, tmp_path):
+    """The same over the HTTP front: a raw SSE client with a 4 KiB receive buffer reads the 200 and
+    then nothing. Eight samples of 400 tokens with 20 alternatives each are about 6 MB of events, more
+    than loopback's socket buffers (which grow to megabytes) and uvicorn's hold: once they and the
+    stream's buffer are full, the rows pause; after --stream-idle-timeout the stream is cut and the
+    client's one stream slot is free again."""
+    new_tokens = 400
+    server = ServerProcess(tiny_dirs["llama"], *ARGS, log_dir=tmp_path, name="http-stall").start()
+    try:
+        server.wait_ready()
+        with urllib.request.urlopen(f"{server.http_url}/v1/models") as answer:
+            model = json.load(answer)["data"][0]["id"]
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Count."}], "n": 8,
+                           "max_tokens": new_tokens, "temperature": 1.0, "seed": 1, "logprobs": True,
+                           "top_logprobs": 20, "ignore_eos": True, "stream": True}).encode()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.http_port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: tokenloom\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert sock.recv(12) == b"HTTP/1.1 200"  # admitted; from here on it reads nothing
+
+            async def main():
+                await wait_for(lambda: Scrape(server.metrics_url).get("paused_sequences") >= 1, 60,
+                               "the rows to pause")
+                assert Scrape(server.metrics_url).running == 0, "a paused request computes nothing"
+                async with AsyncClient(server.address) as other:  # the same client (loopback): one stream
+                    with pytest.raises(grpc.aio.AioRpcError) as held:
+                        await other.generate(input_ids=PROMPT, max_new_tokens=4)
+                    assert held.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await wait_for(lambda: Scrape(server.metrics_url).finished("stream_idle_timeout") == 1,
+                                   IDLE_TIMEOUT + 10, "the idle cut")
+                    await wait_for(lambda: Scrape(server.metrics_url).get("open_streams") == 0, 5,
+                                   "the stream to close")
+                    assert len((await other.generate(input_ids=PROMPT, max_new_tokens=4)).token_ids) == 4
+
+            asyncio.run(main())
+        scrape = Scrape(server.metrics_url)
+        assert scrape.get("paused_sequences") == 0 and scrape.running == 0 and scrape.kv_bytes == 0
+        [line] = request_lines(server, "stream_idle_timeout")
+        assert line["front"] == "http" and int(line["generated_tokens"]) < 8 * new_tokens
+    finally:
+        server.stop()
