@@ -56,10 +56,20 @@ def test_the_sdk_streams_samples_that_validate(server):
     assert re.fullmatch(r"[A-F]{3}-\d{2}", regex.text) and choice.text in ("yes", "no")
 
 
+def test_beam_search_under_a_schema_returns_n_best_that_validate(server):
+    with Client(server.address, timeout=120) as client:
+        result = client.generate(messages=MESSAGES, max_new_tokens=300, num_beams=3, num_return_sequences=3,
+                                 constraint={"json_schema": SCHEMA})
+    assert len(result.hypotheses) == 3
+    assert [h.score for h in result.hypotheses] == sorted((h.score for h in result.hypotheses), reverse=True)
+    for h in result.hypotheses:
+        jsonschema.validate(json.loads(h.text), SCHEMA)
+        assert h.finish_reason == "eos"
+
+
 @pytest.mark.parametrize("constraint, params, words", [
     ({"json_schema": '{"type": "strng"}'}, {}, "does not compile"),
     ({"regex": "(ab"}, {}, "regex does not compile"),
-    ({"regex": "a+"}, {"num_beams": 2}, "constraint is not supported with beam search"),
 ])
 def test_bad_constraints_are_invalid_argument_naming_the_field(server, constraint, params, words):
     with Client(server.address, timeout=30) as client:

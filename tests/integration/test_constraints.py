@@ -6,8 +6,10 @@ import json
 import re
 
 import jsonschema
+import numpy as np
 import pytest
 
+from hf_reference import hf_beam_search
 from test_engine import Harness
 from tokenloom.front.preprocessor import UserInput
 from tokenloom.front.validation import InvalidArgument, RawParams
@@ -81,6 +83,55 @@ def test_constrained_rows_among_free_ones_parse_and_the_free_ones_are_unchanged(
     assert harness.runtime.blocks.num_used == 0
 
 
+def _hf_allowed_tokens(grammars, constraint: Constraint, prompt_len: int, eos: set[int]):
+    """HF's `prefix_allowed_tokens_fn` from the same grammar engine: a fresh matcher past the beam's
+    tokens. A beam that took a forbidden token (scored -inf, as our dead beams) may take anything."""
+    every = list(range(grammars.vocab_size))
+
+    def allowed(batch_id, input_ids) -> list[int]:
+        matcher = grammars.matcher(constraint)
+        try:
+            matcher.replay(t for t in input_ids[prompt_len:].tolist() if t not in eos)
+        except RuntimeError:
+            return every
+        words = matcher.mask().result()
+        bits = ((words[:, None] >> np.arange(32, dtype=np.int32)) & 1).reshape(-1)[: grammars.vocab_size]
+        return np.flatnonzero(bits).tolist()
+
+    return allowed
+
+
+@pytest.mark.parametrize("constraint", [
+    Constraint("regex", r"[a-z]{3,8}( [a-z]{2,8}){1,3}\."),
+    Constraint("json_schema", json.dumps(SCHEMAS[0])),
+], ids=["regex", "json_schema"])
+def test_constrained_beams_equal_hf_beam_search_with_the_same_mask(harness, hf_models, tiny_dirs, constraint):
+    """Beam search under a constraint is HF's beam search with a `prefix_allowed_tokens_fn` giving the
+    grammar's allowed tokens: the same hypotheses and scores, every one valid, beside free rows."""
+    model, _ = hf_models(tiny_dirs["llama"])
+    eos = set(harness.runtime.eos_token_ids)
+    free = _submit(harness, max_new_tokens=20, ignore_eos=True)
+    harness.run_until_idle()
+    alone = harness.outputs[free].token_ids
+    free = _submit(harness, max_new_tokens=20, ignore_eos=True)
+    rid = _submit(harness, constraint, max_new_tokens=40, num_beams=3, num_return_sequences=2)
+    harness.run_until_idle()
+
+    expected, scores = hf_beam_search(
+        model, PROMPT, eos, num_beams=3, num_return_sequences=2, max_new_tokens=40,
+        prefix_allowed_tokens_fn=_hf_allowed_tokens(harness.runtime.grammars, constraint, len(PROMPT), eos))
+    out = harness.outputs[rid]
+    assert [list(h.token_ids) for h in out.hypotheses] == expected
+    assert [h.score for h in out.hypotheses] == pytest.approx(scores, abs=1e-4)
+    for h in out.hypotheses:
+        assert h.finish_reason is FinishReason.EOS
+        if constraint.kind == "regex":
+            assert re.fullmatch(constraint.text, h.text)
+        else:
+            jsonschema.validate(json.loads(h.text), SCHEMAS[0])
+    assert harness.outputs[free].token_ids == alone
+
+
 def test_an_output_cut_by_max_new_tokens_ends_with_length_and_is_a_valid_prefix(harness):
     schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"},
               "minItems": 50}}, "required": ["items"]}
@@ -150,7 +201,6 @@ def test_resumed_tokens_the_constraint_forbids_are_invalid_argument(harness):
     (Constraint("regex", "(ab"), {}, "does not compile"),
     (Constraint("grammar", "start: foo"), {}, "does not compile"),
     (Constraint("json_schema", '{"type": "array", "uniqueItems": true}'), {}, "uniqueItems"),
-    (Constraint("regex", "a+"), dict(num_beams=2), "not supported with beam search"),
     (Constraint("regex", ""), {}, "empty"),
 ])
 def test_bad_constraints_are_invalid_argument_before_admission(harness, constraint, params, words):

@@ -130,6 +130,10 @@ class Matcher:
         stats.fill_seconds += time.perf_counter() - started
         return bitmask[0]
 
+    def fork(self) -> "Matcher":
+        """A copy at the same place, that advances on its own (a beam's child)."""
+        return Matcher(self._m.deep_copy(), self._grammars)
+
     def check(self) -> None:
         """Raise if this sequence's last mask failed: its token was drawn without the constraint, so
         its request must fail (alone: the engine fails a request whose bookkeeping raises)."""

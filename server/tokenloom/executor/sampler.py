@@ -30,30 +30,32 @@ def penalty_context(spec: SampleSpec) -> RowContext:
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
-def _constrain(processed: torch.Tensor, logits: torch.Tensor, allowed: list, rows: list[int],
-               sources: list[int]) -> torch.Tensor:
-    """Constrained rows keep only their allowed tokens (the grammar thread's bitmasks, waited for here,
-    after the forward). The mask is -inf where a token is not allowed, so it commutes with the penalties
-    applied before it; a row whose penalties left no allowed token finite (n-gram blocking can ban the
-    only one) falls back to its allowed tokens' unpenalised logits. A row whose mask failed (None) is
-    left as it is: its request fails after the step (grammar.Matcher.check)."""
+def _constrain(processed: torch.Tensor, allowed: list, rows: list[int], fallback: torch.Tensor | None = None,
+               sources: list[int] = ()) -> torch.Tensor:
+    """Constrained rows (`rows` of `processed`) keep only their allowed tokens (the grammar thread's
+    bitmasks, waited for here, after the forward). The mask is -inf where a token is not allowed, so
+    it commutes with the penalties applied before it. With `fallback` (sampling), a row whose
+    penalties left no allowed token finite (n-gram blocking can ban the only one) draws from its
+    allowed tokens' unpenalised logits (`fallback[sources[i]]`); without (beams, as in HF), it stays
+    at -inf. A row whose mask failed (None) is left as it is: its request fails after the step
+    (grammar.Matcher.check)."""
     masks = [f.result() for f in allowed]
     kept = [j for j, m in enumerate(masks) if m is not None]
     if not kept:
         return processed
-    if len(kept) < len(masks):
-        masks, rows, sources = [masks[j] for j in kept], [rows[j] for j in kept], [sources[j] for j in kept]
-    if processed is logits:
+    masks, rows = [masks[j] for j in kept], [rows[j] for j in kept]
+    if processed is fallback:
         processed = processed.clone()
     vocab = processed.shape[-1]
     words = torch.from_numpy(np.stack(masks))  # [rows, words] int32
     bits = ((words.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :vocab].to(processed.device)
     index = torch.tensor(rows, device=processed.device)
     masked = processed[index].masked_fill(bits == 0, float("-inf"))
-    dead = ~torch.isfinite(masked.max(dim=-1).values)
-    if dead.any():
-        fallback = logits[torch.tensor(sources, device=logits.device)].masked_fill(bits == 0, float("-inf"))
-        masked[dead] = fallback[dead]
+    if fallback is not None:
+        dead = ~torch.isfinite(masked.max(dim=-1).values)
+        if dead.any():
+            source = torch.tensor([sources[j] for j in kept], device=fallback.device)
+            masked[dead] = fallback[source].masked_fill(bits == 0, float("-inf"))[dead]
     processed[index] = masked
     return processed
 
@@ -93,6 +95,9 @@ class Sampler:
     def _beam_candidates(raw: torch.Tensor, beam: list[int], specs: list[SampleSpec], results: list[RowOutput]) -> None:
         # HF beam search applies the processors to log-softmax scores.
         scores = apply_penalties(raw[beam], [penalty_context(specs[i]) for i in beam])
+        constrained = [pos for pos, i in enumerate(beam) if specs[i].allowed is not None]
+        if constrained:
+            scores = _constrain(scores, [specs[beam[pos]].allowed for pos in constrained], constrained)
         k = max(specs[i].beam_width for i in beam)
         values, index = scores.topk(k, dim=-1)
         for i, vals, ids in zip(beam, values.tolist(), index.tolist()):
@@ -107,8 +112,8 @@ class Sampler:
             processed = apply_penalties(logits[drawn], contexts)
         constrained = [pos for pos, i in enumerate(drawn) if specs[i].allowed is not None]
         if constrained:
-            processed = _constrain(processed, logits, [specs[drawn[pos]].allowed for pos in constrained], constrained,
-                                   [drawn[pos] for pos in constrained])
+            processed = _constrain(processed, [specs[drawn[pos]].allowed for pos in constrained], constrained,
+                                   fallback=logits, sources=[drawn[pos] for pos in constrained])
         # One line per draw: a prompt with n samples is drawn n times from its one row.
         line_row = [pos for pos, i in enumerate(drawn) for _ in specs[i].uniforms]
         line_uniform = [u for i in drawn for u in specs[i].uniforms]

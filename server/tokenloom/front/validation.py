@@ -173,8 +173,7 @@ def _check_combinations(p: SamplingParams) -> None:
                 "num_return_sequences",
                 f"num_return_sequences ({p.num_return_sequences}) must be <= num_beams ({p.num_beams})",
             )
-        for field, unsupported in (("stop_strings", p.stop_strings), ("top_n", p.top_n),
-                                   ("constraint", p.constraint)):
+        for field, unsupported in (("stop_strings", p.stop_strings), ("top_n", p.top_n)):
             if unsupported:
                 raise InvalidArgument(field, f"{field} is not supported with beam search (num_beams > 1)")
     elif p.num_return_sequences > 1 and not p.do_sample:

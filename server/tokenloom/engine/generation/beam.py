@@ -5,9 +5,17 @@ While it runs, each step streams how the best running hypothesis changed since t
 step (provisional, a `BestUpdate`: resending it whole made a stream's bytes quadratic in its
 length); the last event carries the `num_return_sequences` best finished ones, whole. A
 preempted beam request starts over from its prompt: beams recompute nothing of the old search.
+
+A constrained beam request gives every beam a matcher of its own: each beam's candidates come from
+its masked scores, and a new beam continues a copy of its parent's matcher. As in HF (a
+`prefix_allowed_tokens_fn`), too few allowed tokens can fill a step's candidates with -inf ones;
+a beam that took such a token runs on at -inf with no matcher, and a hypothesis scored -inf (one
+that broke the constraint) is never returned.
 """
 
 from __future__ import annotations
+
+import math
 
 from ...request import BestUpdate, FinishReason, Hypothesis, TokenEvent
 from ..batch import Row, RowOutput
@@ -21,8 +29,14 @@ class BeamGeneration(Generation):
     def __init__(self, group, context):
         super().__init__(group, context)
         self.search = self._new_search()
+        self.matchers = self._new_matchers()
         # The best as the client holds it. Kept across a restart: the next update edits what was shown.
         self.shown: tuple[tuple[int, ...], str] = ((), "")
+
+    def _new_matchers(self) -> dict[int, object]:
+        """seq_id -> grammar.Matcher of each running beam that keeps to the constraint; {} unconstrained."""
+        constraint = self.params.constraint
+        return {} if constraint is None else {self.group.seqs[0].seq_id: self.context.grammars.matcher(constraint)}
 
     def _new_search(self) -> BeamSearch:
         p, prompt_len = self.params, self.group.num_prompt_tokens
@@ -38,11 +52,14 @@ class BeamGeneration(Generation):
         fresh.status = self.group.status  # waiting (preempted) or paused (its KV taken back)
         self.group.seqs = [fresh]
         self.search = self._new_search()
+        self.matchers = self._new_matchers()
 
     def row(self, chunk: ScheduledChunk) -> Row:
         if not chunk.samples:
             return Row.of(chunk)
-        return Row.of(chunk, sample=self.spec(chunk.seq, uniforms=(), beam_width=self.search.params.beams_to_keep))
+        matcher = self.matchers.get(chunk.seq.seq_id)
+        return Row.of(chunk, sample=self.spec(chunk.seq, uniforms=(), beam_width=self.search.params.beams_to_keep,
+                                              allowed=matcher.mask() if matcher is not None else None))
 
     def apply(self, results: list[tuple[Row, RowOutput]], scheduler: Scheduler) -> list[TokenEvent]:
         candidates = {row.seq.seq_id: out.candidates for row, out in results if row.sample is not None}
@@ -52,15 +69,30 @@ class BeamGeneration(Generation):
         missing = [b.seq_id for b in beams if b.seq_id not in candidates]
         if missing:
             raise RuntimeError(f"beams {missing} were not computed with the others")  # a scheduler bug
+        for matcher in self.matchers.values():
+            matcher.check()  # each beam's mask was filled: its candidates kept to the constraint
         step = self.search.step([candidates[b.seq_id] for b in beams])
         seq_ids = self.context.seq_ids
-        scheduler.replace_members(self.group, [
-            scheduler.branch(beams[parent], beams[parent].token_ids + [token], next(seq_ids))
-            for parent, token in zip(step.parents, step.tokens)
-        ])
+        members = [scheduler.branch(beams[parent], beams[parent].token_ids + [token], next(seq_ids))
+                   for parent, token in zip(step.parents, step.tokens)]
+        if self.params.constraint is not None:
+            self.matchers = self._advance_matchers(beams, members, step)
+        scheduler.replace_members(self.group, members)
         if step.done:
             return [self._final(scheduler)]
         return [TokenEvent(self.request_id, provisional=True, best_update=self._best_update())]
+
+    def _advance_matchers(self, beams, members, step) -> dict[int, object]:
+        """Each new beam's matcher: its parent's, copied, past the new token. None for a beam that
+        took a token its parent's constraint did not allow (its score is -inf) or that ended."""
+        matchers = {}
+        for child, parent, token, beam in zip(members, step.parents, step.tokens, self.search.running):
+            matcher = self.matchers.get(beams[parent].seq_id)
+            if matcher is None or not math.isfinite(beam.score) or token in self.eos_token_ids:
+                continue
+            matchers[child.seq_id] = matcher = matcher.fork()
+            matcher.accept(token)
+        return matchers
 
     def _best_update(self) -> BestUpdate:
         best = self.search.best_running()
@@ -75,6 +107,7 @@ class BeamGeneration(Generation):
             Hypothesis(h.token_ids, decode(h.token_ids), h.score,
                        FinishReason.EOS if h.finished_by_eos else FinishReason.LENGTH)
             for h in self.search.results()
+            if self.params.constraint is None or h.score != -math.inf  # -inf: it broke the constraint
         )
         scheduler.finish(self.group)
         best = hypotheses[0]
