@@ -199,7 +199,10 @@ def test_an_http_reader_that_stops_pauses_its_rows_and_is_cut_after_the_idle_tim
             sock.connect(("127.0.0.1", server.http_port))
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: tokenloom\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            assert sock.recv(12) == b"HTTP/1.1 200"  # admitted; from here on it reads nothing
+            status = b""
+            while len(status) < 12 and (part := sock.recv(12 - len(status))):
+                status += part
+            assert status == b"HTTP/1.1 200"  # admitted; from here on it reads nothing
 
             async def main():
                 await wait_for(lambda: Scrape(server.metrics_url).get("paused_sequences") >= 1, 60,

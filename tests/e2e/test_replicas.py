@@ -208,8 +208,11 @@ def test_a_long_lived_client_reconnects_after_the_connection_age_and_its_stream_
         with Client(server.address, timeout=60) as client:
             client._channel.subscribe(states.append)
             client.generate(input_ids=[1, 2, 3], max_new_tokens=1)
+            deadline = time.monotonic() + 5
+            while states[-1:] != [grpc.ChannelConnectivity.READY]:  # callbacks come on gRPC's own thread
+                assert time.monotonic() < deadline, states
+                time.sleep(0.01)
             connected = len(states)
-            assert states[-1] == grpc.ChannelConnectivity.READY
             tokens = []
             started = time.monotonic()
             for chunk in client.stream(input_ids=list(range(600, 620)), max_new_tokens=300, ignore_eos=True):

@@ -132,6 +132,26 @@ def test_constrained_beams_equal_hf_beam_search_with_the_same_mask(harness, hf_m
     assert harness.outputs[free].token_ids == alone
 
 
+def test_constrained_beams_with_fewer_valid_endings_than_slots_return_only_valid_ones(harness, hf_models, tiny_dirs):
+    """Two one-letter choices, six beams: HF's search fills its other slots with beams that ran on
+    past their EOS (penalised by -1e9). Only hypotheses that keep to the constraint come back; the
+    best is HF's."""
+    model, _ = hf_models(tiny_dirs["llama"])
+    eos = set(harness.runtime.eos_token_ids)
+    choice = Constraint("choice", json.dumps(["a", "b"]))
+    rid = _submit(harness, choice, max_new_tokens=8, num_beams=6, num_return_sequences=6)
+    harness.run_until_idle()
+    out = harness.outputs[rid]
+    assert out.finish_reason is FinishReason.EOS and 1 <= len(out.hypotheses) < 6
+    for h in out.hypotheses:
+        assert h.text in ("a", "b") and h.finish_reason is FinishReason.EOS
+        assert h.token_ids[-1] in eos and not eos & set(h.token_ids[:-1])
+    expected, _ = hf_beam_search(
+        model, PROMPT, eos, num_beams=6, num_return_sequences=6, max_new_tokens=8,
+        prefix_allowed_tokens_fn=_hf_allowed_tokens(harness.runtime.grammars, choice, len(PROMPT), eos))
+    assert list(out.hypotheses[0].token_ids) == expected[0]
+
+
 def test_an_output_cut_by_max_new_tokens_ends_with_length_and_is_a_valid_prefix(harness):
     schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"},
               "minItems": 50}}, "required": ["items"]}

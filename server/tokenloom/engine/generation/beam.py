@@ -8,9 +8,10 @@ preempted beam request starts over from its prompt: beams recompute nothing of t
 
 A constrained beam request gives every beam a matcher of its own: each beam's candidates come from
 its masked scores, and a new beam continues a copy of its parent's matcher. As in HF (a
-`prefix_allowed_tokens_fn`), too few allowed tokens can fill a step's candidates with -inf ones;
-a beam that took such a token runs on at -inf with no matcher, and a hypothesis scored -inf (one
-that broke the constraint) is never returned.
+`prefix_allowed_tokens_fn`), too few allowed tokens can fill a step's candidates with -inf ones; a
+beam that took such a token runs on at -inf with no matcher. Only hypotheses that keep to the
+constraint are returned: none of HF's empty slots, of its -1e9-penalised beams that ran on past
+their EOS, or of those at -inf, so there may be fewer than `num_return_sequences`.
 """
 
 from __future__ import annotations
@@ -88,11 +89,17 @@ class BeamGeneration(Generation):
         matchers = {}
         for child, parent, token, beam in zip(members, step.parents, step.tokens, self.search.running):
             matcher = self.matchers.get(beams[parent].seq_id)
-            if matcher is None or not math.isfinite(beam.score) or token in self.eos_token_ids:
+            if matcher is None or not math.isfinite(beam.score):
                 continue
             matchers[child.seq_id] = matcher = matcher.fork()
-            matcher.accept(token)
+            if token not in self.eos_token_ids:  # a beam that ended and runs on (HF keeps one, penalised
+                matcher.accept(token)  # by -1e9, when too few are live) stays where it ended
         return matchers
+
+    def _kept_to_constraint(self, h) -> bool:
+        """Not an empty slot, nothing after an EOS (a beam that ended and ran on), no forbidden token."""
+        return bool(h.token_ids) and h.score != -math.inf and not any(
+            t in self.eos_token_ids for t in h.token_ids[:-1])
 
     def _best_update(self) -> BestUpdate:
         best = self.search.best_running()
@@ -107,8 +114,10 @@ class BeamGeneration(Generation):
             Hypothesis(h.token_ids, decode(h.token_ids), h.score,
                        FinishReason.EOS if h.finished_by_eos else FinishReason.LENGTH)
             for h in self.search.results()
-            if self.params.constraint is None or h.score != -math.inf  # -inf: it broke the constraint
+            if self.params.constraint is None or self._kept_to_constraint(h)
         )
+        if not hypotheses:
+            raise RuntimeError("beam search found no hypothesis that keeps to the constraint")
         scheduler.finish(self.group)
         best = hypotheses[0]
         return self.final_event(best.finish_reason, token_ids=best.token_ids, text=best.text, hypotheses=hypotheses,
