@@ -38,8 +38,13 @@ from tokenloom_client.pb.tokenloom.v1 import generation_pb2_grpc  # noqa: E402
 SERVER_ARGS = ("--kv-cache-tokens", "16384", "--max-num-batched-tokens", "256", "--max-num-seqs", "64",
                "--max-queued-requests", "56", "--log-level", "INFO")
 # (kind, weight): what a client does with its request.
-MIX = [("greedy", 30), ("sampled", 25), ("samples_n2", 4), ("beam", 4), ("score", 4),
-       ("cancel", 12), ("deadline", 11), ("bad", 10)]
+MIX = [("greedy", 28), ("sampled", 23), ("samples_n2", 4), ("beam", 4), ("score", 4),
+       ("constrained", 6), ("cancel", 11), ("deadline", 10), ("bad", 10)]
+# A constrained request's constraint, and how it decodes: greedy, sampled (n 1 or 2) or beams.
+CONSTRAINTS = [pb.Constraint(regex=r"[a-z]{2,6}( [a-z]{2,6}){0,4}\."), pb.Constraint(json_object=True),
+               pb.Constraint(json_schema='{"type": "object", "properties": {"n": {"type": "integer"}, '
+                                         '"s": {"type": "string", "maxLength": 6}}, "required": ["n", "s"]}'),
+               pb.Constraint(choice=pb.Choice(options=["yes", "no", "maybe"]))]
 VOCAB_LOW, VOCAB_HIGH = 10, 20000
 
 
@@ -103,6 +108,18 @@ async def _one(stub, rng: random.Random, kind: str, request_id: str) -> tuple[st
         code, _ = await _stream(stub, pb.GenerateRequest(request_id=request_id, input_ids=_prompt(rng),
                                                          parameters=_params(rng, **extra)))
         return code, {"OK"} | busy
+    if kind == "constrained":  # some cancelled mid-stream, some cut by a deadline, with masks in flight
+        extra = rng.choice([{}, dict(do_sample=True, seed=rng.randrange(2**31)),
+                            dict(do_sample=True, num_return_sequences=2, seed=rng.randrange(2**31)),
+                            dict(num_beams=rng.choice([2, 3]))])
+        request = pb.GenerateRequest(request_id=request_id, input_ids=_prompt(rng), parameters=pb.GenerationParameters(
+            max_new_tokens=rng.randint(4, 60), constraint=rng.choice(CONSTRAINTS), **extra))
+        ending = rng.choice(["whole", "cancel", "deadline"])
+        if ending == "cancel":
+            code, _ = await _stream(stub, request, cancel_after=rng.randint(1, 6))
+            return code, {"CANCELLED", "OK"} | busy  # a short one may end before the cancel
+        code, _ = await _stream(stub, request, timeout=rng.uniform(0.05, 1.0) if ending == "deadline" else 60.0)
+        return code, {"OK", "DEADLINE_EXCEEDED"} | busy if ending == "deadline" else {"OK"} | busy
     if kind == "score":
         request = pb.ScoreRequest(request_id=request_id, prompt_ids=_prompt(rng), continuation_ids=_prompt(rng)[:16])
         try:
@@ -259,9 +276,9 @@ def check(report: Report, rss_growth_mib: float = 64.0) -> list[str]:
         problems.append(f"resident memory still grew {growth:.0f} MiB in the second half: {trace} MiB")
     if report.logged_twice:
         problems.append(f"requests logged more than once: {report.logged_twice[:10]}")
-    # A deadline that passes before the server picks the call up: it never reached the server.
-    unseen = [(i, kind, code) for i, kind, code in report.never_logged
-              if not (kind == "deadline" and code == "DEADLINE_EXCEEDED")]
+    # A deadline that passes before the server picks the call up (the deadline and constrained kinds
+    # set short ones): it never reached the server.
+    unseen = [(i, kind, code) for i, kind, code in report.never_logged if code != "DEADLINE_EXCEEDED"]
     if unseen:
         problems.append(f"requests the server never logged: {unseen[:10]}")
     if report.exit_code != 0:
