@@ -84,8 +84,8 @@ class BeamGeneration(Generation):
         return [TokenEvent(self.request_id, provisional=True, best_update=self._best_update())]
 
     def _advance_matchers(self, beams, members, step) -> dict[int, object]:
-        """Each new beam's matcher: its parent's, copied, past the new token. None for a beam that
-        took a token its parent's constraint did not allow (its score is -inf) or that ended."""
+        """Each new beam's matcher: its parent's, copied, past the new token (an EOS leaves it where it
+        was). None for a beam that took a token its parent's constraint did not allow (scored -inf)."""
         matchers = {}
         for child, parent, token, beam in zip(members, step.parents, step.tokens, self.search.running):
             matcher = self.matchers.get(beams[parent].seq_id)
