@@ -17,6 +17,7 @@ their EOS, or of those at -inf, so there may be fewer than `num_return_sequences
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from ...request import BestUpdate, FinishReason, Hypothesis, TokenEvent
 from ..batch import Row, RowOutput
@@ -86,12 +87,15 @@ class BeamGeneration(Generation):
     def _advance_matchers(self, beams, members, step) -> dict[int, object]:
         """Each new beam's matcher: its parent's, copied, past the new token (an EOS leaves it where it
         was). None for a beam that took a token its parent's constraint did not allow (scored -inf)."""
+        live = [math.isfinite(beam.score) for beam in self.search.running]
+        children = Counter(parent for parent, ok in zip(step.parents, live) if ok)
         matchers = {}
-        for child, parent, token, beam in zip(members, step.parents, step.tokens, self.search.running):
+        for child, parent, token, ok in zip(members, step.parents, step.tokens, live):
             matcher = self.matchers.get(beams[parent].seq_id)
-            if matcher is None or not math.isfinite(beam.score):
+            if matcher is None or not ok:
                 continue
-            matchers[child.seq_id] = matcher = matcher.fork()
+            children[parent] -= 1  # the parent's last child takes its matcher; the others copy it first
+            matchers[child.seq_id] = matcher = matcher if children[parent] == 0 else matcher.fork()
             if token not in self.eos_token_ids:  # a beam that ended and runs on (HF keeps one, penalised
                 matcher.accept(token)  # by -1e9, when too few are live) stays where it ended
         return matchers
