@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -26,7 +27,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT_ENV = "TOKENLOOM_EXPLORER_SCREENSHOT"
@@ -87,9 +88,16 @@ def statuses(driver) -> list[str]:
     return [s.text for s in driver.find_elements(By.CSS_SELECTOR, ".column .status")]
 
 
-def run_page(driver, server, mode: str, token: str = TOKEN):
-    """Loads the page, fills it in and compares, until every column has ended (well or not)."""
+def run_page(driver, server, mode: str, token: str = TOKEN, menu: tuple[str, ...] = ()):
+    """Loads the page, fills it in and compares, until every column has ended (well or not). With
+    `menu`, the page's own columns are removed first and these presets added from its menu."""
     driver.get(server.http_url + "/")
+    if menu:
+        for remove in driver.find_elements(By.CSS_SELECTOR, ".column .remove"):
+            remove.click()
+        for name in menu:
+            Select(driver.find_element(By.ID, "preset")).select_by_visible_text(name)
+            driver.find_element(By.ID, "add-column").click()
     prompt = driver.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys(PROMPT)
@@ -188,3 +196,17 @@ def test_without_the_servers_token_every_column_says_to_send_one(driver, server)
     run_page(driver, server, "chat", token="")
     for status in statuses(driver):
         assert status.startswith("error: this server requires a bearer token"), status
+
+
+def test_constrained_presets_from_the_menu_keep_to_their_constraint(driver, server):
+    """The menu's constrained presets (vLLM's guided_* fields): every token still shows its raw
+    probability and alternatives, and the output is what the constraint allows."""
+    columns = run_page(driver, server, "chat", menu=("regex: a date", "choice"))
+    assert list(columns) == ["regex: a date", "choice"]
+    assert statuses(driver) == ["done", "done"], f"{statuses(driver)}\n{server.log_tail()}"
+    for name, column in columns.items():
+        check_sampled_column(driver, name, column)
+    text = {name: "".join(s.get_attribute("textContent") for s in column.find_elements(By.CSS_SELECTOR, "span.token"))
+            for name, column in columns.items()}
+    assert re.fullmatch(r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])", text["regex: a date"]), text
+    assert text["choice"] in ("yes", "no", "maybe"), text

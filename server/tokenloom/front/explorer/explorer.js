@@ -12,6 +12,15 @@ const PRESETS = {
   "top-k 50": {temperature: 1.0, top_k: 50, seed: 1},
   "top-p 0.9": {temperature: 1.0, top_p: 0.9, seed: 1},
 };
+// In the menu only (a page opens six columns: a browser runs six requests per host at once).
+// Constrained decoding: the tokens keep their raw probabilities, so a forced token shows how
+// unlikely the model found it.
+const MENU_PRESETS = {
+  "regex: a date": {temperature: 1.0, seed: 1, guided_regex: "(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"},
+  "JSON object": {temperature: 0, response_format: {type: "json_object"}},
+  "choice": {temperature: 0, guided_choice: ["yes", "no", "maybe"]},
+  "beam 3, JSON object": {temperature: 0, num_beams: 3, n: 3, response_format: {type: "json_object"}},
+};
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -295,13 +304,13 @@ async function compare(event) {
   }
 }
 
-for (const [name, params] of Object.entries(PRESETS)) {
-  addColumn(name, params);
+for (const [name, params] of Object.entries(PRESETS)) addColumn(name, params);
+for (const name of Object.keys({...PRESETS, ...MENU_PRESETS})) {
   $("#preset").append(el("option", {value: name, textContent: name}));
 }
 $("#add-column").addEventListener("click", () => {
   const name = $("#preset").value;
-  addColumn(uniqueName(name), PRESETS[name]);
+  addColumn(uniqueName(name), PRESETS[name] ?? MENU_PRESETS[name]);
 });
 $("#inputs").addEventListener("submit", compare);
 modelName("").catch(() => {});  // the header's model name; a server with tokens answers once one is given
