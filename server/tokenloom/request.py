@@ -29,10 +29,13 @@ class FinishReason(enum.Enum):
 @dataclass(frozen=True)
 class Constraint:
     """What every generated sequence must be a sentence of: `kind` is json_schema, json_object, regex,
-    grammar or choice; `text` the schema, regex or Lark grammar (for choice: a JSON list of strings)."""
+    grammar or choice; `text` the schema, regex or Lark grammar (for choice: a JSON list of strings).
+    `compiled`: the grammar engine's compiled form, set by the front once it compiled it (so that the
+    engine's thread never compiles); not part of what the constraint is (equality, hash)."""
 
     kind: str
     text: str = ""
+    compiled: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,24 @@ def test_a_mask_that_fails_fails_its_request_alone(harness, monkeypatch):
     jsonschema.validate(json.loads(harness.outputs[kept].text), SCHEMAS[0])
 
 
+def test_the_engine_never_compiles_even_a_constraint_the_cache_let_go(harness, monkeypatch):
+    """The front compiles a request's constraint and the request carries it: when the cache has let
+    it go by the time the engine takes the request, nothing is compiled on the engine's thread."""
+    grammars = harness.runtime.grammars
+    monkeypatch.setattr(grammars, "_cache_size", 1)
+    first = _submit(harness, Constraint("regex", "[a-c]{4}"), max_new_tokens=8, do_sample=True, seed=1)
+    second = _submit(harness, Constraint("regex", "[x-z]{3}"), max_new_tokens=8, do_sample=True, seed=1)
+    assert Constraint("regex", "[a-c]{4}") not in grammars._cache  # let go when the second was compiled
+
+    def compiles(constraint):
+        raise AssertionError(f"the engine compiled {constraint}")
+
+    monkeypatch.setattr(grammars, "_compiled", compiles)
+    harness.run_until_idle()
+    assert re.fullmatch("[a-c]{4}", harness.outputs[first].text), harness.outputs[first].error
+    assert re.fullmatch("[x-z]{3}", harness.outputs[second].text), harness.outputs[second].error
+
+
 def test_resumed_tokens_the_constraint_forbids_are_invalid_argument(harness):
     letters = tuple(harness.runtime.loaded.tokenizer.encode("abc", add_special_tokens=False))
     with pytest.raises(InvalidArgument, match="not allowed by the constraint") as err:

@@ -17,6 +17,7 @@ them once already, to refuse resumed tokens the constraint does not allow).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -64,12 +65,14 @@ class Grammars:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="tokenloom-grammar")
         self.stats = MaskStats()
 
-    def check(self, constraint: Constraint) -> None:
-        """Compile `constraint` (kept in the cache), or raise ConstraintError saying why it cannot be."""
-        self._compiled(constraint)
+    def compile(self, constraint: Constraint) -> Constraint:
+        """`constraint` carrying its compiled grammar (also kept in the cache), or raise ConstraintError
+        saying why it cannot be compiled."""
+        return dataclasses.replace(constraint, compiled=self._compiled(constraint))
 
     def matcher(self, constraint: Constraint) -> "Matcher":
-        return Matcher(self._compiled(constraint).deep_copy(), self)
+        compiled = constraint.compiled if constraint.compiled is not None else self._compiled(constraint)
+        return Matcher(compiled.deep_copy(), self)
 
     def _compiled(self, constraint: Constraint) -> LLMatcher:
         with self._lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..request import GenerationRequest, SamplingParams
 from .validation import (
@@ -46,8 +46,8 @@ class Preprocessor:
         params = resolve_params(raw, len(ids), self.limits)
         check_token_ids("stop_token_ids", params.stop_token_ids, self.vocab_size)
         check_resume(user.resume, params, self.vocab_size)
-        if params.constraint is not None:
-            self._compile(params.constraint, user.resume)
+        if params.constraint is not None:  # compiled here, off the engine's thread, and carried to it
+            params = replace(params, constraint=self._compile(params.constraint, user.resume))
         return GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_ids=tuple(ids), params=params, arrival_time=time.monotonic(),
             resume=user.resume,
@@ -74,13 +74,13 @@ class Preprocessor:
             arrival_time=time.monotonic(), score_from=len(ids),
         )
 
-    def _compile(self, constraint, resume: tuple[tuple[int, ...], ...]) -> None:
-        """Before the request is admitted: a constraint the grammar engine cannot compile, or resumed tokens
-        it does not allow, are the user's error."""
+    def _compile(self, constraint, resume: tuple[tuple[int, ...], ...]):
+        """Before the request is admitted: the constraint with its compiled grammar. One the grammar
+        engine cannot compile, or resumed tokens it does not allow, are the user's error."""
         if self.grammars is None:
             raise InvalidArgument("constraint", "this server has no grammar engine")
         try:
-            self.grammars.check(constraint)
+            constraint = self.grammars.compile(constraint)
         except ValueError as exc:  # grammar.ConstraintError
             raise InvalidArgument("constraint", f"the {constraint.kind} does not compile: {exc}") from None
         for i, tokens in enumerate(resume):
@@ -88,6 +88,7 @@ class Preprocessor:
                 self.grammars.matcher(constraint).replay(tokens)
             except RuntimeError as exc:
                 raise InvalidArgument("resume", f"sequence {i} is not allowed by the constraint: {exc}") from None
+        return constraint
 
     def prompt_ids(self, user: UserInput) -> list[int]:
         check_exactly_one_input(bool(user.prompt), bool(user.messages), bool(user.input_ids))
