@@ -430,3 +430,24 @@ def test_a_constrained_row_draws_only_allowed_tokens_even_when_penalties_ban_the
     assert results[0].token_ids == [2]  # the likeliest allowed token
     assert results[1].token_ids == [3]  # its only allowed token, banned by the penalty: the mask alone decides
     assert results[0].logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[2].item())  # raw log-prob
+
+
+def test_a_bitmask_becomes_a_bias_of_zero_on_allowed_tokens_and_minus_inf_elsewhere():
+    """The grammar engine's bit t of int32 word t // 32 (bit 31 makes a word negative), over a
+    vocabulary that ends inside a word."""
+    import numpy as np
+
+    from tokenloom.executor.sampler import _mask_bias
+
+    vocab, allowed = 70, [{0, 31, 32, 33, 63, 64, 69}, {5, 40}]
+    masks = []
+    for tokens in allowed:
+        words = np.zeros(3, dtype=np.uint32)
+        for t in tokens:
+            words[t // 32] |= np.uint32(1 << (t % 32))
+        masks.append(words.view(np.int32))
+    bias = _mask_bias(masks, vocab)
+    assert bias.shape == (2, vocab) and bias.dtype == torch.float32
+    for row, tokens in zip(bias, allowed):
+        assert {t for t in range(vocab) if row[t] == 0} == tokens
+        assert all(row[t] == float("-inf") for t in range(vocab) if t not in tokens)

@@ -27,36 +27,45 @@ def penalty_context(spec: SampleSpec) -> RowContext:
     )
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+# The logit bias of the 8 tokens an octet of a mask stands for, by the octet's value: 0 where its bit
+# is set (allowed: the logit stays), -inf where not. [256, 8] float32.
+_BIAS_OF_OCTET = torch.tensor(np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                                                     bitorder="little"), 0.0, -np.inf), dtype=torch.float32)
+
+
+def _mask_bias(masks: list, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[rows, vocab] float32 on `device` from int32 bitmasks (bit t of word t // 32 set: token t
+    allowed): 0 where a token is allowed, -inf where not. One gather from a table of octets: a
+    third of the time of shifting the bits out with torch ops, and only the packed mask travels."""
+    octets = torch.from_numpy(np.stack(masks).astype("<i4", copy=False).view(np.uint8))  # bit t: octet t // 8
+    bias = _BIAS_OF_OCTET.to(device)[octets.to(device, torch.int64)]  # [rows, words * 4, 8]
+    return bias.reshape(len(masks), -1)[:, :vocab]
 
 
 def _constrain(processed: torch.Tensor, allowed: list, rows: list[int], fallback: torch.Tensor | None = None,
                sources: list[int] = ()) -> torch.Tensor:
     """Constrained rows (`rows` of `processed`) keep only their allowed tokens (the grammar thread's
-    bitmasks, waited for here, after the forward). The mask is -inf where a token is not allowed, so
-    it commutes with the penalties applied before it. With `fallback` (sampling), a row whose
+    bitmasks, waited for here, after the forward): -inf is added where a token is not allowed, so the
+    mask commutes with the penalties applied before it. With `fallback` (sampling), a row whose
     penalties left no allowed token finite (n-gram blocking can ban the only one) draws from its
     allowed tokens' unpenalised logits (`fallback[sources[i]]`); without (beams, as in HF), it stays
     at -inf. A row whose mask failed (None) is left as it is: its request fails after the step
-    (grammar.Matcher.check)."""
+    (grammar.Matcher.check). Rows are masked in place, one by one: gathering them into a copy and
+    scattering it back cost twice as much."""
     masks = [f.result() for f in allowed]
     kept = [j for j, m in enumerate(masks) if m is not None]
     if not kept:
         return processed
-    masks, rows = [masks[j] for j in kept], [rows[j] for j in kept]
     if processed is fallback:
         processed = processed.clone()
-    vocab = processed.shape[-1]
-    words = torch.from_numpy(np.stack(masks))  # [rows, words] int32
-    bits = ((words.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :vocab].to(processed.device)
-    index = torch.tensor(rows, device=processed.device)
-    masked = processed[index].masked_fill(bits == 0, float("-inf"))
+    bias = _mask_bias([masks[j] for j in kept], processed.shape[-1], processed.device)
+    for b, j in enumerate(kept):
+        processed[rows[j]].add_(bias[b])
     if fallback is not None:
-        dead = ~torch.isfinite(masked.max(dim=-1).values)
-        if dead.any():
-            source = torch.tensor([sources[j] for j in kept], device=fallback.device)
-            masked[dead] = fallback[source].masked_fill(bits == 0, float("-inf"))[dead]
-    processed[index] = masked
+        dead = (~torch.isfinite(torch.stack([processed[rows[j]].max() for j in kept]))).tolist()
+        for b, j in enumerate(kept):
+            if dead[b]:
+                processed[rows[j]] = fallback[sources[j]] + bias[b]
     return processed
 
 
