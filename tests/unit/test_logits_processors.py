@@ -237,7 +237,8 @@ WARPER_GRID = [
 ]
 
 
-def test_sampled_tokens_stay_inside_what_hf_min_p_and_typical_p_keep():
+@pytest.mark.parametrize("window", [None, 10], ids=["full-sort", "window-10"])
+def test_sampled_tokens_stay_inside_what_hf_min_p_and_typical_p_keep(window):
     vocab = 97
     gen = torch.Generator().manual_seed(11)
     rows, params = [], []
@@ -253,7 +254,7 @@ def test_sampled_tokens_stay_inside_what_hf_min_p_and_typical_p_keep():
     assert sum(k < w for k, w, p in zip(kept, without, params) if p.min_p > 0 and p.typical_p == 1) > 20
     assert sum(k < w for k, w, p in zip(kept, without, params) if p.typical_p < 1 and p.min_p == 0) > 20
     logits = torch.stack(rows)
-    sampler = Sampler()
+    sampler = Sampler() if window is None else Sampler(window=window)
     randoms = [Stream(i) for i in range(len(rows))]
     drawn: list[set[int]] = [set() for _ in rows]
     for _ in range(100):
@@ -274,13 +275,15 @@ def test_sampled_tokens_stay_inside_what_hf_min_p_and_typical_p_keep():
     ],
     ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-min{p.min_p}-typ{p.typical_p}",
 )
-def test_draws_follow_the_hf_min_p_and_typical_p_distribution(params):
+@pytest.mark.parametrize("window", [None, 3], ids=["full-sort", "window-3"])
+def test_draws_follow_the_hf_min_p_and_typical_p_distribution(params, window):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.4, 0.0, -0.3, -1.0, -2.5])
     assert cut_offs_are_clear(logits, params)
     expected = torch.softmax(hf_warped(logits, params).double(), -1)
     assert 1 < int((expected > 0).sum()) < len(logits)
     n = 20_000
-    tokens, _ = draw(Sampler(), logits.expand(n, -1).contiguous(), [params] * n, [Stream(50_000 + i) for i in range(n)])
+    sampler = Sampler() if window is None else Sampler(window=window)
+    tokens, _ = draw(sampler, logits.expand(n, -1).contiguous(), [params] * n, [Stream(50_000 + i) for i in range(n)])
     counts = torch.bincount(torch.tensor(tokens), minlength=len(logits)).double()
     assert (counts[expected == 0] == 0).all(), "a token HF filters out was drawn"
     support = expected > 0

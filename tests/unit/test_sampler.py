@@ -97,7 +97,8 @@ PARAM_GRID = [
 ]
 
 
-def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets():
+@pytest.mark.parametrize("window", [None, 10], ids=["full-sort", "window-10"])
+def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets(window):
     gen = torch.Generator().manual_seed(5)
     rows, params = [], []
     while len(rows) < 140:
@@ -110,7 +111,7 @@ def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets():
     kept = [hf_kept(row, p) for row, p in zip(rows, params)]
     assert all(len(k) >= 1 for k in kept)
     assert any(len(k) < VOCAB for k in kept)
-    sampler = Sampler()
+    sampler = Sampler() if window is None else Sampler(window=window)
     randoms = [Stream(i) for i in range(len(rows))]
     drawn = [set() for _ in rows]
     for _ in range(60):
@@ -134,11 +135,15 @@ def test_sampled_tokens_stay_inside_hf_top_k_and_top_p_sets():
     ],
     ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}",
 )
-def test_draws_follow_the_hf_distribution(params):
+@pytest.mark.parametrize("window", [None, 3], ids=["full-sort", "window-3"])
+def test_draws_follow_the_hf_distribution(params, window):
+    # window 3 of 8 tokens: rows without top-k are drawn from their 3 most likely tokens, or from
+    # the full sort when the draw goes past them or a top-p cut lies past them.
     logits = torch.tensor([2.0, 1.5, 1.0, 0.4, 0.0, -0.3, -1.0, -2.5])
     expected = torch.softmax(hf_warped(logits, params).double(), -1)
     n = 20_000
-    tokens, _ = draw(Sampler(), logits.expand(n, -1).contiguous(), [params] * n, [Stream(10_000 + i) for i in range(n)])
+    sampler = Sampler() if window is None else Sampler(window=window)
+    tokens, _ = draw(sampler, logits.expand(n, -1).contiguous(), [params] * n, [Stream(10_000 + i) for i in range(n)])
     counts = torch.bincount(torch.tensor(tokens), minlength=len(logits)).double()
     assert (counts[expected == 0] == 0).all(), "a token HF filters out was drawn"
     support = expected > 0
@@ -224,6 +229,63 @@ def test_a_seeded_row_with_tied_logits_draws_the_same_tokens_whatever_top_k_its_
     batched = _run_steps([torch.cat([row, torch.randn(1, vocab, generator=gen)]) for row in steps],
                          [target, neighbour], [2024, 7])
     assert [tokens[0] for tokens, _ in batched] == alone
+
+
+def test_a_seeded_row_without_top_k_draws_the_same_tokens_alone_or_beside_any_rows():
+    # A small window over bfloat16-tied logits: the window path, its fallback to the full sort, and
+    # neighbours that take either path or another top-k must not move the target's draws.
+    gen = torch.Generator().manual_seed(14)
+    vocab = 4096
+    sampler = Sampler(window=64)
+    target = sampling(temperature=0.8, top_k=0, seed=2025)
+    steps = [(torch.randn(1, vocab, generator=gen) * 3 + 10).to(torch.bfloat16).float() for _ in range(60)]
+    alone = [tokens[0] for tokens, _ in _run_steps_with(sampler, steps, [target], [2025])]
+    assert len(set(alone)) > 5
+    neighbours = [sampling(temperature=1.0, top_k=0), sampling(temperature=0.3, top_k=0, top_p=0.5),
+                  sampling(temperature=1.0, top_k=50), greedy(), sampling(temperature=1.2, top_k=0, min_p=0.1)]
+    batched = _run_steps_with(sampler, [torch.cat([torch.randn(2, vocab, generator=gen), row,
+                                                   torch.randn(3, vocab, generator=gen)]) for row in steps],
+                              neighbours[:2] + [target] + neighbours[2:], [1, 2, 2025, 3, None, 4])
+    assert [tokens[2] for tokens, _ in batched] == alone
+
+
+def _run_steps_with(sampler: Sampler, step_logits: list[torch.Tensor], params: list[SamplingParams],
+                    seeds: list[int | None]):
+    randoms = [Stream(s) if p.do_sample else None for p, s in zip(params, seeds)]
+    return [draw(sampler, logits, params, randoms) for logits in step_logits]
+
+
+class _CountingSampler(Sampler):
+    """Counts the rows drawn from a full sort of the vocabulary."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.sorted_rows = 0
+
+    def _sample_window(self, logits, k, params, uniforms):
+        if k == logits.shape[-1]:
+            self.sorted_rows += len(params)
+        return Sampler._sample_window(logits, k, params, uniforms)
+
+
+@pytest.mark.parametrize("params", [sampling(temperature=1.0, top_k=0), sampling(temperature=1.0, top_k=0, top_p=0.9),
+                                    sampling(temperature=0.7, top_k=0, min_p=0.02)],
+                         ids=["T1", "top-p-0.9", "min-p-0.02"])
+def test_a_row_without_top_k_over_a_real_vocabulary_draws_what_the_full_sort_draws_and_seldom_sorts(params):
+    # A language model's shape: probabilities falling as a power of their rank (about 5 % of the
+    # mass past the 256 likeliest at temperature 1, as the default model has), over 49,152 tokens.
+    gen = torch.Generator().manual_seed(15)
+    vocab, rows = 49_152, 64
+    rank = torch.arange(1, vocab + 1, dtype=torch.float32)
+    logits = torch.stack([(-1.5 * rank.log() + 0.05 * torch.randn(vocab, generator=gen))[torch.randperm(vocab, generator=gen)]
+                          for _ in range(rows)])
+    windowed, full = _CountingSampler(), _CountingSampler(window=vocab)
+    streams = [[Stream(900 + i) for i in range(rows)] for _ in range(2)]
+    for _ in range(3):
+        fast = draw(windowed, logits, [params] * rows, streams[0])[0]
+        assert fast == draw(full, logits, [params] * rows, streams[1])[0]
+    assert full.sorted_rows == 3 * rows
+    assert windowed.sorted_rows < 3 * rows * 0.2, f"{windowed.sorted_rows} of {3 * rows} draws sorted the vocabulary"
 
 
 def test_a_seeded_row_is_unaffected_by_greedy_rows_around_it():

@@ -4,8 +4,9 @@ Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p
 (HF's order and semantics) inside a top-k window, then draw by inverse CDF
 with the uniform the row's spec carries (engine/draws.py: a function of the
 request's seed and the token's place), so a seeded request draws the same
-tokens whatever else shares the batch. No full
-vocabulary sort unless some row disables top-k, and no `torch.multinomial`.
+tokens whatever else shares the batch. No `torch.multinomial`, and no full
+vocabulary sort unless a row without top-k draws past its most likely
+`Sampler.window` tokens (see `Sampler._sample_wide`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,26 @@ def _constrain(processed: torch.Tensor, allowed: list, rows: list[int], fallback
     return processed
 
 
+def _canonical_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row, by value (descending) then token id: topk orders ties arbitrarily,
+    and a canonical order lets the same uniform pick the same token in any batch."""
+    values, index = x.topk(k, dim=-1)
+    by_id = index.argsort(dim=-1, stable=True)
+    values, index = values.gather(1, by_id), index.gather(1, by_id)
+    by_value = values.argsort(dim=-1, descending=True, stable=True)
+    return values.gather(1, by_value), index.gather(1, by_value)
+
+
+# A row without top-k is drawn first from its most likely WINDOW tokens: the default model at
+# temperature 1 leaves 4 % of its mass past them on average (1.6 % median), and sorting its 49,152
+# tokens costs 4.3 ms a row on a 2-core AVX2 machine against 0.14 ms for the window.
+WINDOW = 256
+
+
 class Sampler:
+    def __init__(self, window: int = WINDOW):
+        self.window = window
+
     def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[RowOutput]:
         # logits: [rows, vocab] float32, row i drawn as specs[i] says
         raw = torch.log_softmax(logits, dim=-1)  # the model's own distribution
@@ -149,9 +169,49 @@ class Sampler:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         for k, rows in groups.items():
             index = torch.tensor(rows, device=logits.device)
-            tokens[index] = self._sample_window(
-                logits[index], k, [params[i] for i in rows], [uniforms[i] for i in rows]
-            )
+            sample = self._sample_wide if k == vocab and self.window < vocab else self._sample_window
+            tokens[index] = sample(logits[index], k, [params[i] for i in rows], [uniforms[i] for i in rows])
+        return tokens
+
+    def _sample_wide(self, logits: torch.Tensor, k: int, params: list[SamplingParams],
+                     uniforms: list[float]) -> torch.Tensor:
+        """Rows without top-k, drawn by the same inverse CDF without sorting the vocabulary. Each row's
+        `window` most likely tokens are taken in the canonical order, with their probabilities over
+        the whole row (one log-softmax), so the mass of the rest is known without sorting it. Top-p
+        and min-p apply inside the window as in `_sample_window`; they drop every token past it
+        when the window's mass reaches top-p, or when its last token is below the min-p floor. A
+        row has its token here when its rest is dropped, or when nothing filters the rest and its
+        uniform falls inside the window's mass. The others (a draw past the window, about as often
+        as the rest's mass; a top-p or min-p cut past the window; typical-p, which ranks the whole
+        distribution) are drawn again from the full sort with the same uniform."""
+        dev, w = logits.device, self.window
+        temperature = torch.tensor([p.temperature for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+        values, index = _canonical_topk(torch.log_softmax(logits / temperature[:, None], dim=-1), w)
+        probs = values.exp()  # [rows, w], each a probability under the whole row
+        mass = probs.cumsum(dim=-1)
+        probs = probs.masked_fill(mass - probs >= top_p, 0.0)
+        rest_dropped = mass[:, -1:] >= top_p  # every token past the window has that mass ranked above it
+        min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)[:, None]
+        if (min_p > 0.0).any():
+            floor = min_p * probs[:, :1]
+            probs = probs.masked_fill(probs < floor, 0.0)
+            rest_dropped |= values[:, -1:].exp() < floor  # the rest is no likelier than the window's last
+        # Where no filter reaches past the window, the rest keeps all its mass: 1 - the window's. Where
+        # top-p or min-p cut inside the rest, how much it keeps is known only from the full sort.
+        rest_whole = (top_p >= 1.0) & (min_p <= 0.0)
+        cdf = probs.cumsum(dim=-1)
+        kept = cdf[:, -1:]
+        total = kept + torch.where(rest_dropped, 0.0, (1.0 - mass[:, -1:]).clamp(min=0.0))
+        u = torch.tensor(uniforms, device=dev, dtype=cdf.dtype)[:, None] * total
+        past = (~rest_dropped & (~rest_whole | (u >= kept)))[:, 0]
+        past |= torch.tensor([p.typical_p < 1.0 for p in params], device=dev)
+        u = torch.minimum(u, torch.nextafter(kept, torch.zeros_like(kept)))  # as in _sample_window
+        tokens = index.gather(1, torch.searchsorted(cdf, u, right=True).clamp_(max=w - 1))[:, 0]
+        again = past.nonzero()[:, 0].tolist()
+        if again:
+            tokens[again] = self._sample_window(logits[again], k, [params[i] for i in again],
+                                                [uniforms[i] for i in again])
         return tokens
 
     @staticmethod
@@ -161,13 +221,7 @@ class Sampler:
         top_p = torch.tensor([p.top_p for p in params], device=dev)
         scaled = logits / temperature[:, None]
         if k < logits.shape[-1]:
-            values, index = scaled.topk(k, dim=-1)
-            # topk orders ties arbitrarily: make the order canonical (value desc, then token id)
-            # so the same uniform picks the same token in any batch.
-            by_id = index.argsort(dim=-1, stable=True)
-            values, index = values.gather(1, by_id), index.gather(1, by_id)
-            by_value = values.argsort(dim=-1, descending=True, stable=True)
-            values, index = values.gather(1, by_value), index.gather(1, by_value)
+            values, index = _canonical_topk(scaled, k)
         else:
             values, index = scaled.sort(dim=-1, descending=True, stable=True)
         probs = torch.softmax(values, dim=-1)  # [rows, k]
