@@ -1,7 +1,11 @@
-"""HTTP clients that can hold a stream open: their connections take in 4 KiB at a time, so a server
-streaming megabytes of events to one must wait for it to read (its rows run, then pause) instead of
-finishing into loopback's socket buffers. A test reads the first event, does what needs the request
-still open, then reads on or leaves."""
+"""Clients that can hold a stream open, so that a test can count on a request still generating after
+its first tokens, however fast the model: the server may run only a little ahead of what such a
+client has read (its rows run, then pause), instead of finishing into loopback's buffers.
+
+- gRPC: a channel with SMALL_WINDOW (HTTP/2 flow control of about 1 KiB): the engine stops some 16
+  tokens ahead of a reader (tests/e2e/test_backpressure.py measures it).
+- HTTP: connections that take in 4 KiB at a time, and a request of megabytes of events (HEAVY).
+  A test reads the first event, does what needs the request still open, then reads on or leaves."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import socket
 from collections.abc import Iterator
 
 import httpx
+
+SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 
 # Eight samples of 480 tokens with 20 alternatives each: megabytes of events, far more than the
 # buffers between a server and a held client.

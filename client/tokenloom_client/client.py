@@ -71,14 +71,18 @@ class Client:
 
     score takes exactly one of `prompt` / `prompt_ids` and one of `continuation` /
     `continuation_ids`, and returns the continuation's per-token and total log-probs.
+
+    `channel_options` are extra gRPC channel arguments, e.g. ("grpc.max_receive_message_length", n).
     """
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, tls: bool = False,
                  root_certificates: bytes | None = None, token: str | None = None,
-                 timeout: float | None = None, metadata: Metadata | None = None) -> None:
+                 timeout: float | None = None, metadata: Metadata | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
         self._options = _call_options(timeout, metadata, token)
         credentials = _credentials(tls, root_certificates)
         target, options, self._balanced = channel_target(target)
+        options = [*options, *channel_options]
         self._channel = (grpc.insecure_channel(target, options) if credentials is None
                          else grpc.secure_channel(target, credentials, options))
         self._stub = GenerationStub(self._channel)
@@ -149,10 +153,12 @@ class AsyncClient:
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, tls: bool = False,
                  root_certificates: bytes | None = None, token: str | None = None,
-                 timeout: float | None = None, metadata: Metadata | None = None) -> None:
+                 timeout: float | None = None, metadata: Metadata | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
         self._options = _call_options(timeout, metadata, token)
         credentials = _credentials(tls, root_certificates)
         target, options, self._balanced = channel_target(target)
+        options = [*options, *channel_options]
         self._channel = (grpc.aio.insecure_channel(target, options) if credentials is None
                          else grpc.aio.secure_channel(target, credentials, options))
         self._stub = GenerationStub(self._channel)

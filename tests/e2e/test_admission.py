@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 
+from held_stream import SMALL_WINDOW
 from server_process import ServerProcess
 from tokenloom_client import AsyncClient
 
@@ -45,16 +46,22 @@ def servers(tiny_dirs, tmp_path_factory):
 
 
 def client(address: str, client_id: str | None = None) -> AsyncClient:
-    return AsyncClient(address, metadata={"x-client-id": client_id} if client_id else None)
+    # A small window: a stream whose reader waits stays open (its rows pause) however fast the model.
+    return AsyncClient(address, metadata={"x-client-id": client_id} if client_id else None,
+                       channel_options=SMALL_WINDOW)
 
 
-async def stream_ids(c: AsyncClient, started: asyncio.Event | None = None, **request) -> list[int]:
+async def stream_ids(c: AsyncClient, started: asyncio.Event | None = None, release: asyncio.Event | None = None,
+                     **request) -> list[int]:
+    """The stream's tokens; after its first chunk it sets `started` and reads on only once `release` is set."""
     ids = []
     async with contextlib.aclosing(c.stream(**request)) as chunks:
         async for chunk in chunks:
             ids += chunk.token_ids
-            if started is not None:
+            if started is not None and not started.is_set():
                 started.set()
+                if release is not None:
+                    await release.wait()
     return ids
 
 
@@ -150,10 +157,12 @@ def test_stream_cap_rejects_one_client_over_it_and_not_another(servers):
     async def go():
         ref = await references(address, PROMPTS[:2], **LONG)
         async with client(address, "a") as a, client(address, "b") as b:
-            started = [asyncio.Event(), asyncio.Event()]
-            a_streams = [asyncio.create_task(stream_ids(a, s, input_ids=p, **LONG)) for s, p in zip(started, PROMPTS)]
+            started, release = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+            a_streams = [asyncio.create_task(stream_ids(a, s, release, input_ids=p, **LONG))
+                         for s, p in zip(started, PROMPTS)]
             await asyncio.gather(*(s.wait() for s in started))
             err = await exhausted(a.generate(input_ids=PROMPTS[2], max_new_tokens=4), "--max-streams-per-client 2")
+            release.set()
             b_streams = [asyncio.create_task(stream_ids(b, input_ids=p, **LONG)) for p in PROMPTS[:2]]
             got_a, got_b = await asyncio.gather(*a_streams), await asyncio.gather(*b_streams)
             again = (await a.generate(input_ids=PROMPTS[0], max_new_tokens=4)).token_ids  # released on finish
@@ -171,8 +180,8 @@ def test_a_cancelled_stream_frees_its_place(servers):
     async def go():
         ref = await references(address, PROMPTS[:1], **LONG)
         async with client(address, "c") as c:
-            started = [asyncio.Event(), asyncio.Event()]
-            streams = [asyncio.create_task(stream_ids(c, s, input_ids=PROMPTS[0], **LONG)) for s in started]
+            started, release = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+            streams = [asyncio.create_task(stream_ids(c, s, release, input_ids=PROMPTS[0], **LONG)) for s in started]
             await asyncio.gather(*(s.wait() for s in started))
             await exhausted(c.generate(input_ids=PROMPTS[1], max_new_tokens=4), "--max-streams-per-client")
             streams[0].cancel()
@@ -185,6 +194,7 @@ def test_a_cancelled_stream_frees_its_place(servers):
                     if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.02)
+            release.set()
             survivor = await streams[1]
         return ref, admitted, survivor
 
@@ -198,11 +208,12 @@ def test_without_metadata_the_peer_host_is_the_client(servers):
 
     async def go():
         async with client(address) as c1, client(address) as c2, client(address) as c3:  # three channels
-            started = [asyncio.Event(), asyncio.Event()]
-            streams = [asyncio.create_task(stream_ids(c, s, input_ids=PROMPTS[0], **LONG))
+            started, release = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+            streams = [asyncio.create_task(stream_ids(c, s, release, input_ids=PROMPTS[0], **LONG))
                        for c, s in zip((c1, c2), started)]
             await asyncio.gather(*(s.wait() for s in started))
             err = await exhausted(c3.generate(input_ids=PROMPTS[0], max_new_tokens=4), "--max-streams-per-client")
+            release.set()
             await asyncio.gather(*streams)
         return err
 

@@ -19,6 +19,7 @@ import urllib.request
 import grpc
 import pytest
 
+from held_stream import SMALL_WINDOW
 from metrics_scrape import Scrape
 from server_process import ServerProcess
 from tokenloom_client import AsyncClient
@@ -30,7 +31,6 @@ ARGS = ("--stream-buffer", "8", "--stream-idle-timeout", str(IDLE_TIMEOUT), "--m
         "--log-level", "INFO")
 PROMPT = list(range(300, 320))
 NEW_TOKENS = 300
-SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from conftest import own_server
+from held_stream import SMALL_WINDOW
 from metrics_scrape import Scrape, poll
 from tokenloom_client import AsyncClient
 
@@ -182,7 +183,7 @@ def test_a_client_that_closes_its_channel_mid_stream_frees_its_rows(server):
 
     async def run() -> tuple[list[int], BaseException | None]:
         tokens: list[int] = []
-        client = AsyncClient(server.address)
+        client = AsyncClient(server.address, channel_options=SMALL_WINDOW)  # cannot finish before it is closed
         task = asyncio.create_task(_read(client, request, tokens))
         while len(tokens) < 5:
             assert not task.done(), "the stream ended before the channel was closed"

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import own_server
+from held_stream import SMALL_WINDOW
 from metrics_scrape import Scrape, poll
 from stream_outcome import collect
 from tokenloom_client import AsyncClient
@@ -65,14 +66,18 @@ def test_engine_death_ends_open_streams_with_an_error_and_turns_health_not_servi
             for i in range(4)]
 
     async def go(address):
-        async with AsyncClient(address) as c, grpc.aio.insecure_channel(address) as channel:
+        # The long streams stop reading after their first token until the engine has died, on a small
+        # window: they are still open then, however fast the model.
+        async with AsyncClient(address, channel_options=SMALL_WINDOW) as c, \
+                grpc.aio.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            started = [asyncio.Event() for _ in long]
-            streams = [asyncio.create_task(collect(c, r, s)) for r, s in zip(long, started)]
+            started, release = [asyncio.Event() for _ in long], asyncio.Event()
+            streams = [asyncio.create_task(collect(c, r, s, release)) for r, s in zip(long, started)]
             await asyncio.gather(*(s.wait() for s in started))
             killer = await collect(c, dict(input_ids=[1, 2, 3], do_sample=True, seed=ENGINE_DEATH_SEED))
+            release.set()
             # Every open stream ends (a hang would trip the timeout) and with an error.
             ended = await asyncio.wait_for(asyncio.gather(*streams), timeout=60)
             assert (await asyncio.wait_for(watch.read(), timeout=30)).status == \

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as v1alpha
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from conftest import own_server
+from held_stream import SMALL_WINDOW
 from server_process import ServerProcess
 from tokenloom_client import AsyncClient
 
@@ -67,13 +68,19 @@ async def _generate(address, prompt, n):
         return (await c.generate(input_ids=prompt, max_new_tokens=n, ignore_eos=True)).token_ids
 
 
-async def _stream(c: AsyncClient, started: asyncio.Event, **request) -> tuple[list[int], str]:
+async def _stream(c: AsyncClient, started: asyncio.Event, release: asyncio.Event | None = None,
+                  **request) -> tuple[list[int], str]:
+    """With `release`, the reader waits for it after its first chunk: on a small window the stream is
+    then still open, however fast the model."""
     ids, reason = [], ""
     async with contextlib.aclosing(c.stream(**request)) as chunks:
         async for chunk in chunks:
             ids += chunk.token_ids
             reason = chunk.finish_reason or reason
-            started.set()
+            if not started.is_set():
+                started.set()
+                if release is not None:
+                    await release.wait()
     return ids, reason
 
 
@@ -83,10 +90,11 @@ def test_a_signal_drains_not_serving_open_streams_complete_and_the_process_exits
     params = dict(max_new_tokens=400, ignore_eos=True)  # ~2 s of streaming on a tiny model
 
     async def go():
-        async with AsyncClient(server.address) as c:
+        async with AsyncClient(server.address, channel_options=SMALL_WINDOW) as c:
             ref = [(await c.generate(input_ids=p, **params)).token_ids for p in PROMPTS]
-            started = [asyncio.Event() for _ in PROMPTS]
-            streams = [asyncio.create_task(_stream(c, s, input_ids=p, **params)) for s, p in zip(started, PROMPTS)]
+            started, release = [asyncio.Event() for _ in PROMPTS], asyncio.Event()
+            streams = [asyncio.create_task(_stream(c, s, release, input_ids=p, **params))
+                       for s, p in zip(started, PROMPTS)]
             async with grpc.aio.insecure_channel(server.address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
@@ -100,6 +108,7 @@ def test_a_signal_drains_not_serving_open_streams_complete_and_the_process_exits
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await c.generate(input_ids=PROMPTS[0], max_new_tokens=4)
                 draining = not any(s.done() for s in streams)
+                release.set()
                 got = await asyncio.gather(*streams)
         return ref, got, statuses, refused.value, draining, sent
 

@@ -10,6 +10,7 @@ import urllib.request
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from held_stream import SMALL_WINDOW
 from metrics_scrape import PREFIX, Scrape
 from tokenloom_client import AsyncClient
 
@@ -94,7 +95,8 @@ async def complete_and_invalid(address: str):
 
 
 async def cancelled(address: str) -> list[int]:
-    async with AsyncClient(address) as client:
+    # A small window: the server cannot finish a stream before the client has read its first chunks.
+    async with AsyncClient(address, channel_options=SMALL_WINDOW) as client:
         return await asyncio.gather(*(_cancelled(client, r) for r in CANCELLED))
 
 

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from held_stream import SMALL_WINDOW
 from metrics_scrape import Scrape
 from server_process import ROOT, ServerProcess
 from tokenloom_client import AsyncClient, Client
@@ -285,12 +286,15 @@ LONG = dict(max_new_tokens=400, ignore_eos=True)  # long enough to hold a stream
 @contextlib.asynccontextmanager
 async def _holding(address: str, n: int, **client_args):
     """`n` streams open on one client until the block ends (each has sent its first chunk)."""
-    clients = [AsyncClient(address, timeout=120, **client_args) for _ in range(n)]
+    # A small window and a reader that stops after its first chunk: the streams stay open (their rows
+    # pause) however fast the model, until the block ends and they are cancelled.
+    clients = [AsyncClient(address, timeout=120, channel_options=SMALL_WINDOW, **client_args) for _ in range(n)]
     started = [asyncio.Event() for _ in range(n)]
 
     async def hold(c, event):
         async for _ in c.stream(input_ids=PROMPT, **LONG):
             event.set()
+            await asyncio.Event().wait()
 
     tasks = [asyncio.create_task(hold(c, e)) for c, e in zip(clients, started)]
     try:
