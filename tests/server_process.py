@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,8 @@ class ServerProcess:
         return self
 
     def wait_ready(self, timeout: float = 180.0, root_certificates: bytes | None = None) -> "ServerProcess":
-        """Until the port accepts a connection; `root_certificates` for a server that speaks TLS."""
+        """Until the server's health says SERVING (its warm-up done: the port opens before);
+        `root_certificates` for a server that speaks TLS."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -62,8 +64,13 @@ class ServerProcess:
             with channel:
                 try:
                     grpc.channel_ready_future(channel).result(timeout=1.0)
-                    return self
-                except grpc.FutureTimeoutError:
+                    health = health_pb2_grpc.HealthStub(channel)
+                    while time.monotonic() < deadline and self.proc.poll() is None:
+                        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                        if status == health_pb2.HealthCheckResponse.SERVING:
+                            return self
+                        time.sleep(0.05)
+                except (grpc.FutureTimeoutError, grpc.RpcError):
                     pass
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
 
