@@ -177,9 +177,7 @@ def test_one_seeded_stream_follows_the_distribution_over_steps():
 
 def _run_steps(step_logits: list[torch.Tensor], params: list[SamplingParams], seeds: list[int | None]):
     """(token ids, log-probs) per step, each row drawing once per step from its own stream."""
-    sampler = Sampler()
-    randoms = [Stream(s) if p.do_sample else None for p, s in zip(params, seeds)]
-    return [draw(sampler, logits, params, randoms) for logits in step_logits]
+    return _run_steps_with(Sampler(), step_logits, params, seeds)
 
 
 def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
@@ -251,6 +249,7 @@ def test_a_seeded_row_without_top_k_draws_the_same_tokens_alone_or_beside_any_ro
 
 def _run_steps_with(sampler: Sampler, step_logits: list[torch.Tensor], params: list[SamplingParams],
                     seeds: list[int | None]):
+    """As _run_steps, with the given sampler."""
     randoms = [Stream(s) if p.do_sample else None for p, s in zip(params, seeds)]
     return [draw(sampler, logits, params, randoms) for logits in step_logits]
 
