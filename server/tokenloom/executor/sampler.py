@@ -161,15 +161,18 @@ class Sampler:
             result.logprobs.append(logprob)
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
-        """Rows are grouped by their own top-k, so a row's window never depends on its neighbours'."""
+        """Rows are grouped by their own top-k, so a row's window never depends on its neighbours'.
+        Rows without top-k go through `_sample_wide`, except with typical-p, which ranks the whole
+        distribution and so needs the full sort anyway."""
         vocab = logits.shape[-1]
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
         for i, p in enumerate(params):
-            groups.setdefault(p.top_k if 0 < p.top_k < vocab else vocab, []).append(i)
+            k = p.top_k if 0 < p.top_k < vocab else vocab
+            groups.setdefault((k, k == vocab and self.window < vocab and p.typical_p >= 1.0), []).append(i)
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-        for k, rows in groups.items():
+        for (k, wide), rows in groups.items():
             index = torch.tensor(rows, device=logits.device)
-            sample = self._sample_wide if k == vocab and self.window < vocab else self._sample_window
+            sample = self._sample_wide if wide else self._sample_window
             tokens[index] = sample(logits[index], k, [params[i] for i in rows], [uniforms[i] for i in rows])
         return tokens
 
@@ -182,8 +185,8 @@ class Sampler:
         when the window's mass reaches top-p, or when its last token is below the min-p floor. A
         row has its token here when its rest is dropped, or when nothing filters the rest and its
         uniform falls inside the window's mass. The others (a draw past the window, about as often
-        as the rest's mass; a top-p or min-p cut past the window; typical-p, which ranks the whole
-        distribution) are drawn again from the full sort with the same uniform."""
+        as the rest's mass; a top-p or min-p cut past the window) are drawn again from the full
+        sort with the same uniform."""
         dev, w = logits.device, self.window
         temperature = torch.tensor([p.temperature for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
@@ -205,7 +208,6 @@ class Sampler:
         total = kept + torch.where(rest_dropped, 0.0, (1.0 - mass[:, -1:]).clamp(min=0.0))
         u = torch.tensor(uniforms, device=dev, dtype=cdf.dtype)[:, None] * total
         past = (~rest_dropped & (~rest_whole | (u >= kept)))[:, 0]
-        past |= torch.tensor([p.typical_p < 1.0 for p in params], device=dev)
         u = torch.minimum(u, torch.nextafter(kept, torch.zeros_like(kept)))  # as in _sample_window
         tokens = index.gather(1, torch.searchsorted(cdf, u, right=True).clamp_(max=w - 1))[:, 0]
         again = past.nonzero()[:, 0].tolist()
